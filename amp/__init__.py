@@ -1,0 +1,11 @@
+"""AMP: structured pruning of attention heads and MLP neurons (arXiv 2504.21174)."""
+from .api import load_pruned, prune_, prune_checkpoint
+from .arch import SUPPORTED
+from .config import CRITERIA, PruneConfig
+from .data import Calibration, load_calibration
+from .errors import AmpError
+from .models import load_model
+
+__all__ = ["prune_", "prune_checkpoint", "load_pruned", "PruneConfig", "CRITERIA", "SUPPORTED",
+           "Calibration", "load_calibration", "AmpError", "load_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""The Python API: prune a model in place, or a whole checkpoint from folder to folder."""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from . import allocate, checkpoint, data, models
+from .config import PruneConfig
+from .errors import AmpError
+from .pipeline import prune_model
+from .profiling import PhaseTimer
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AmpError("--device cuda was asked for, but this machine has no CUDA device")
+
+
+def prune_(model, config: PruneConfig, calibration=None, *, progress: bool = True,
+           timer: PhaseTimer | None = None, pad_id: int | None = None) -> dict:
+    """Prunes `model` (a supported HF causal LM on the host) in place and returns the report.
+
+    `calibration`: a `data.Calibration`, a list of 1-D token-id tensors, or None for data-free criteria.
+    """
+    _check_device(config.device)
+    timer = timer or PhaseTimer(config.device)
+    samples = calibration.samples if isinstance(calibration, data.Calibration) else calibration
+    if pad_id is None:
+        pad_id = getattr(model.config, "pad_token_id", None) or 0
+    before = allocate.total_params(model)
+    result = prune_model(model, config, samples, pad_id=pad_id, timer=timer, progress=progress)
+    after = allocate.total_params(model)
+    plan, g0, g1 = result["plan"], result["geometry_before"], result["geometry_after"]
+    return {
+        "model_class": type(model).__name__,
+        "criterion": config.criterion,
+        "ratio_target": plan.target_ratio,
+        "ratio_achieved": (before - after) / before,
+        "iteration": config.iteration,
+        "params_before": before,
+        "params_after": after,
+        "per_layer": {
+            "heads": [g0.num_heads, g1.num_heads], "kv_heads": [g0.num_kv_heads, g1.num_kv_heads],
+            "neurons": [g0.intermediate, g1.intermediate], "head_dim": g0.head_dim,
+            "attention_unit": "kv_group" if g0.is_gqa else "head",
+            "attention_units_removed": plan.attn_units_removed,
+            "attention_units_removed_ideal": plan.ideal_attn_units_removed,
+            "params_removed": plan.params_removed_per_layer,
+        },
+        "notes": _notes(plan, g0),
+        "calibration": {
+            "source": calibration.name if isinstance(calibration, data.Calibration) else
+            ("token tensors" if samples else None),
+            "samples": len(samples) if samples else 0, "tokens": result["calibration_tokens"],
+            "seqlen": config.seqlen, "seed": config.seed, "used": config.needs_calibration,
+        },
+        "device": config.device, "dtype": config.dtype, "seed": config.seed,
+        "phases": timer.report(),
+        "layers": result["layers"],
+    }
+
+
+def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwrite: bool = False,
+                     data_dir=None, progress: bool = True) -> dict:
+    """Loads MODEL, calibrates, prunes and writes the pruned folder (with amp_report.json) to `out`."""
+    _check_device(config.device)
+    checkpoint.check_output(out, overwrite)
+    timer = PhaseTimer(config.device)
+    started = time.perf_counter()
+    with timer.phase("load"):
+        model, tokenizer, source = models.load_model(model_name, config.dtype)
+    calibration = None
+    if config.needs_calibration:
+        with timer.phase("calibration_data"):
+            calibration = data.load_calibration(tokenizer, config.calib, config.nsamples, config.seqlen,
+                                                config.seed, data_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    report = prune_(model, config, calibration, progress=progress, timer=timer, pad_id=pad_id)
+    report["model"] = model_name or models.DEFAULT_MODEL
+    report["model_path"] = str(source)
+    report["versions"] = _versions()
+    with timer.phase("save"):
+        report["phases"] = timer.report()
+        report["wall_seconds"] = round(time.perf_counter() - started, 3)
+        checkpoint.save_pruned(model, tokenizer, report, out, overwrite)
+    # The save phase cannot time itself inside the file it writes: record it afterwards, atomically.
+    report["phases"] = timer.report()
+    report["wall_seconds"] = round(time.perf_counter() - started, 3)
+    checkpoint.rewrite_report(out, report)
+    return report
+
+
+def load_pruned(folder, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer, report) of a folder that `amp prune` wrote; plain transformers loads it too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise AmpError(f"{folder} is not a model folder")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=models.DTYPES[dtype], local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) \
+        if (folder / "tokenizer_config.json").is_file() else None
+    return model.to(device).eval(), tokenizer, checkpoint.read_report(folder)
+
+
+def _notes(plan, geom) -> list[str]:
+    notes = []
+    if plan.attn_units_removed != plan.ideal_attn_units_removed:
+        notes.append(f"the budget asked for {plan.ideal_attn_units_removed} attention units per layer; "
+                     f"{plan.attn_units_removed} were removed so that the config stays loadable by the "
+                     "installed transformers (or the MLP can absorb the rest); the MLP absorbed the difference")
+    if geom.is_gqa and plan.attn_units_removed == 0:
+        notes.append(f"grouped-query attention: a KV group holds {geom.group_size} query heads and "
+                     f"{100 / geom.num_kv_heads:.0f}% of a layer's attention; this budget removed no whole group, "
+                     "so only MLP neurons were pruned")
+    return notes
+
+
+def _versions() -> dict:
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "platform": platform.platform()}

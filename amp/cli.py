@@ -1,0 +1,87 @@
+"""`amp prune` and `amp info`: argument parsing and printing, no logic of its own."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import CRITERIA, DEVICES, DTYPES
+from .errors import AmpError
+
+
+def _prune_parser(sub):
+    p = sub.add_parser("prune", help="prune attention heads and MLP neurons with the AMP criterion")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model folder, .gguf file or cached Hub id (default: bundled SmolLM2-135M-Instruct)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--ratio", type=float, help="fraction of the whole model's parameters to remove")
+    budget.add_argument("--iteration", type=int, help="remove this many decoder layers' worth of parameters")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--calib", default="alpaca", help="alpaca | wikitext2 | c4 | path to .txt/.json/.jsonl")
+    p.add_argument("--data-dir", default=None, help="folder holding text/alpaca_5000.json etc. ($AMP_DATA_DIR)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--criterion", default="amp", choices=CRITERIA)
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _info_parser(sub):
+    p = sub.add_parser("info", help="print structure and parameter counts of a model folder")
+    p.add_argument("folder")
+
+
+def cmd_prune(args) -> int:
+    from .api import prune_checkpoint
+    from .config import PruneConfig
+    config = PruneConfig(ratio=args.ratio, iteration=args.iteration, criterion=args.criterion, calib=args.calib,
+                         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed,
+                         device=args.device, dtype=args.dtype)
+    report = prune_checkpoint(args.model, config, args.out, overwrite=args.overwrite, data_dir=args.data_dir,
+                              progress=not args.quiet)
+    pl = report["per_layer"]
+    print(f"pruned {report['model']} with {report['criterion']}: "
+          f"{report['params_before']:,} -> {report['params_after']:,} parameters, "
+          f"ratio {report['ratio_achieved']:.2%} (asked {report['ratio_target']:.2%})")
+    print(f"per layer: heads {pl['heads'][0]} -> {pl['heads'][1]}, kv heads {pl['kv_heads'][0]} -> "
+          f"{pl['kv_heads'][1]}, neurons {pl['neurons'][0]} -> {pl['neurons'][1]}")
+    cal = report["calibration"]
+    if cal["used"]:
+        print(f"calibration: {cal['source']}, {cal['samples']} samples, {cal['tokens']:,} tokens")
+    phases = ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["phases"].items())
+    print(f"time: {phases}; written to {args.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import describe
+    print(describe(args.folder))
+    return 0
+
+
+def main(argv=None) -> int:
+    # Nothing this tool does may reach the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="amp", description="AMP structured pruning for decoder-only LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _prune_parser(sub)
+    _info_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return {"prune": cmd_prune, "info": cmd_info}[args.command](args)
+    except AmpError as e:
+        print(f"amp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("amp: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

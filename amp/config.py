@@ -1,0 +1,50 @@
+"""PruneConfig: every knob of a prune, validated once. The CLI flags map one to one onto its fields."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import AmpError
+
+CRITERIA = ("amp", "magnitude", "random", "reversed")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+# Criteria that need no calibration data.
+DATA_FREE = ("magnitude", "random")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float | None = None       # fraction of the WHOLE model's parameters to remove
+    iteration: int | None = None     # or: remove this many decoder layers' worth of parameters (paper's flag)
+    criterion: str = "amp"
+    calib: str = "alpaca"            # alpaca | wikitext2 | c4 | path to .txt / .json / .jsonl
+    nsamples: int = 128
+    seqlen: int = 512                # window length for text corpora, truncation length for prompts
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if (self.ratio is None) == (self.iteration is None):
+            raise AmpError("give exactly one of --ratio and --iteration")
+        if self.ratio is not None and not (0.0 < self.ratio < 1.0):
+            raise AmpError(f"--ratio must lie strictly between 0 and 1, got {self.ratio}")
+        if self.iteration is not None and self.iteration < 1:
+            raise AmpError(f"--iteration must be a positive number of layers, got {self.iteration}")
+        if self.criterion not in CRITERIA:
+            raise AmpError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.nsamples < 1:
+            raise AmpError(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise AmpError(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.batch_size < 1:
+            raise AmpError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.device not in DEVICES:
+            raise AmpError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise AmpError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.criterion not in DATA_FREE

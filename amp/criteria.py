@@ -1,0 +1,62 @@
+"""Importance scores (pure functions): higher means more important, the lowest go first."""
+from __future__ import annotations
+
+import torch
+
+from .arch import ArchSpec, Geometry
+from .calibrate import LayerStats
+
+
+def scores(criterion: str, layer: torch.nn.Module, spec: ArchSpec, geom: Geometry,
+           stats: LayerStats | None, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per query head (H,), per neuron (I,)) fp32 scores on the CPU."""
+    if criterion in ("amp", "reversed"):
+        if stats is None or stats.tokens == 0:
+            raise ValueError(f"criterion {criterion!r} needs calibration statistics")
+        head = stats.head_l1.cpu() / stats.tokens
+        neuron = stats.neuron_abs.cpu() / stats.tokens
+        # reversed: the paper's ablation that keeps the LEAST important structures.
+        return (head, neuron) if criterion == "amp" else (-head, -neuron)
+    if criterion == "random":
+        return (torch.rand(geom.num_heads, generator=generator),
+                torch.rand(geom.intermediate, generator=generator))
+    if criterion == "magnitude":
+        return magnitude_scores(layer, spec, geom)
+    raise ValueError(f"unknown criterion {criterion!r}")
+
+
+def magnitude_scores(layer, spec: ArchSpec, geom: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free: L2 norm of every weight a structure owns (a head's q rows and o columns; a neuron's
+    input-projection rows and down-projection column)."""
+    d, h = geom.head_dim, geom.num_heads
+    q_rows = _q_weight(layer, spec, geom).float().view(h, d, -1).square().sum(dim=(1, 2))
+    o_cols = spec.get(layer, spec.o).weight.float().view(-1, h, d).square().sum(dim=(0, 2))
+    head = (q_rows + o_cols).sqrt()
+    neuron = spec.get(layer, spec.down).weight.float().square().sum(dim=0)
+    for w in _mlp_in_weights(layer, spec, geom):
+        neuron = neuron + w.float().square().sum(dim=1)
+    return head.cpu(), neuron.sqrt().cpu()
+
+
+def _q_weight(layer, spec: ArchSpec, geom: Geometry) -> torch.Tensor:
+    if spec.qkv:
+        return spec.get(layer, spec.qkv).weight[: geom.num_heads * geom.head_dim]
+    return spec.get(layer, spec.q).weight
+
+
+def _mlp_in_weights(layer, spec: ArchSpec, geom: Geometry) -> list[torch.Tensor]:
+    if spec.gate_up:
+        w = spec.get(layer, spec.gate_up).weight
+        return [w[: geom.intermediate], w[geom.intermediate:]]
+    return [spec.get(layer, p).weight for p in spec.mlp_in]
+
+
+def group_scores(head_scores: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    """A KV group's score is the sum of its query heads' scores (heads of a group are contiguous in HF)."""
+    return head_scores.view(geom.num_kv_heads, geom.group_size).sum(dim=1)
+
+
+def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Sorted indices of the n_keep highest scores; ties go to the lower index, so results are stable."""
+    order = torch.argsort(-scores, stable=True)
+    return torch.sort(order[:n_keep]).values

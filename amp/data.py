@@ -1,0 +1,118 @@
+"""Calibration data: Alpaca prompts as the paper formats them, or text corpora cut into fixed windows.
+
+Sources: `alpaca`, `wikitext2`, `c4` (looked up in the data folder: --data-dir, $AMP_DATA_DIR, or the
+repository's ../shared/data; `alpaca` falls back to the sample bundled in the package), or a user's file:
+.txt (plain text), .json (a list of Alpaca records), .jsonl (rows with `text`, or Alpaca records).
+Sampling is deterministic for a seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import AmpError
+
+BUNDLED_ALPACA = Path(__file__).parent / "resources" / "alpaca_sample.json"
+_CORPUS_FILES = {"alpaca": "text/alpaca_5000.json", "wikitext2": "text/wikitext2_test.txt",
+                 "c4": "text/c4_validation_2k.jsonl"}
+
+
+@dataclass
+class Calibration:
+    name: str                    # what the report calls it
+    samples: list[torch.Tensor]  # 1-D token id tensors
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.samples)
+
+
+def default_data_dir() -> Path | None:
+    env = os.environ.get("AMP_DATA_DIR")
+    if env:
+        return Path(env)
+    guess = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return guess if guess.is_dir() else None
+
+
+def resolve_source(source: str, data_dir: str | os.PathLike | None = None) -> Path:
+    if source in _CORPUS_FILES:
+        base = Path(data_dir) if data_dir else default_data_dir()
+        path = base / _CORPUS_FILES[source] if base else None
+        if path is not None and path.is_file():
+            return path
+        if source == "alpaca":
+            return BUNDLED_ALPACA
+        raise AmpError(f"calibration set {source!r} not found: expected {_CORPUS_FILES[source]} under "
+                       f"{base or 'a data folder'} (set --data-dir or AMP_DATA_DIR)")
+    path = Path(source)
+    if not path.is_file():
+        raise AmpError(f"calibration file {source} does not exist (or use alpaca, wikitext2, c4)")
+    return path
+
+
+def alpaca_prompt(record: dict) -> str:
+    """The paper's format: Instruction / Input / Response, the Input line only when there is one."""
+    text = f"Instruction: {record.get('instruction', '').strip()}\n"
+    if record.get("input", "").strip():
+        text += f"Input: {record['input'].strip()}\n"
+    return text + "Response:"
+
+
+def _read_records(path: Path) -> tuple[list[str], bool]:
+    """(texts, is_prompts): prompts are used one per sample, text is concatenated and windowed."""
+    try:
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list):
+                raise AmpError(f"{path}: expected a JSON list of Alpaca records")
+        elif path.suffix == ".jsonl":
+            rows = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise AmpError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        else:
+            return [path.read_text(encoding="utf-8")], False
+    except UnicodeDecodeError:
+        raise AmpError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise AmpError(f"{path}: not valid JSON ({e.msg})") from None
+    if rows and all(isinstance(r, dict) and "instruction" in r for r in rows):
+        return [alpaca_prompt(r) for r in rows], True
+    if all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
+        return [r["text"] for r in rows], False
+    raise AmpError(f"{path}: rows must all have a 'text' field or Alpaca 'instruction' fields")
+
+
+def load_calibration(tokenizer, source: str = "alpaca", nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+                     data_dir: str | os.PathLike | None = None) -> Calibration:
+    path = resolve_source(source, data_dir)
+    texts, is_prompts = _read_records(path)
+    rng = random.Random(seed)
+    name = source if source in _CORPUS_FILES else str(path)
+    if is_prompts:
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise AmpError(f"calibration file {path} has no prompts")
+        picks = rng.sample(texts, nsamples) if nsamples <= len(texts) else [rng.choice(texts) for _ in range(nsamples)]
+        samples = [torch.tensor(tokenizer(t, add_special_tokens=True)["input_ids"][:seqlen], dtype=torch.long)
+                   for t in picks]
+        return Calibration(name, [s for s in samples if len(s) > 0])
+    # Text corpus: concatenate, tokenize once (only as much as needed) and cut random windows of seqlen.
+    joined = "\n\n".join(t for t in texts if t.strip())
+    if not joined.strip():
+        raise AmpError(f"calibration file {path} is empty")
+    budget = max(200_000, 8 * nsamples * seqlen)  # characters: plenty for nsamples windows, bounded work
+    ids = torch.tensor(tokenizer(joined[: budget * 4], add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if len(ids) < seqlen:
+        raise AmpError(f"calibration file {path} holds {len(ids)} tokens, too short for one window of {seqlen}")
+    starts = [rng.randrange(0, len(ids) - seqlen + 1) for _ in range(nsamples)]
+    return Calibration(name, [ids[s:s + seqlen].clone() for s in starts])

@@ -1,0 +1,69 @@
+"""The only module that mutates models: cuts kept rows/columns out of projections and updates the config."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .arch import ArchSpec, Geometry
+
+
+def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Keep `index` along the output rows (dim 0, bias too) or input columns (dim 1) of `linear`."""
+    index = index.to(linear.weight.device)
+    weight = linear.weight.detach().index_select(dim, index).clone()
+    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if dim == 0:
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.detach().index_select(0, index).clone(),
+                                       requires_grad=linear.bias.requires_grad)
+        linear.out_features = weight.shape[0]
+    else:
+        linear.in_features = weight.shape[1]
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int, offset: int = 0) -> torch.Tensor:
+    """Row indices of whole heads in a [head0 rows; head1 rows; ...] projection, shifted by `offset`."""
+    return (offset + heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def slice_attention(layer: nn.Module, spec: ArchSpec, geom: Geometry,
+                    kept_heads: torch.Tensor, kept_kv: torch.Tensor) -> None:
+    d = geom.head_dim
+    q_rows, kv_rows = _head_rows(kept_heads, d), _head_rows(kept_kv, d)
+    if spec.qkv:
+        q_width, kv_width = geom.num_heads * d, geom.num_kv_heads * d
+        rows = torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows])
+        slice_linear(spec.get(layer, spec.qkv), rows, dim=0)
+    else:
+        slice_linear(spec.get(layer, spec.q), q_rows, dim=0)
+        slice_linear(spec.get(layer, spec.k), kv_rows, dim=0)
+        slice_linear(spec.get(layer, spec.v), kv_rows, dim=0)
+    slice_linear(spec.get(layer, spec.o), q_rows, dim=1)
+    # HF attention modules cache these at construction; keep them true for the new sizes.
+    attn = spec.get(layer, spec.attn)
+    n_heads, n_kv = len(kept_heads), len(kept_kv)
+    attn.num_key_value_groups = n_heads // n_kv
+    for name, value in (("num_heads", n_heads), ("num_key_value_heads", n_kv)):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+
+
+def slice_mlp(layer: nn.Module, spec: ArchSpec, geom: Geometry, kept_neurons: torch.Tensor) -> None:
+    if spec.gate_up:
+        rows = torch.cat([kept_neurons, geom.intermediate + kept_neurons])
+        slice_linear(spec.get(layer, spec.gate_up), rows, dim=0)
+    for path in spec.mlp_in:
+        slice_linear(spec.get(layer, path), kept_neurons, dim=0)
+    slice_linear(spec.get(layer, spec.down), kept_neurons, dim=1)
+    mlp = spec.get(layer, spec.mlp)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(kept_neurons)
+
+
+def update_config(config, num_heads: int, num_kv_heads: int, intermediate: int, head_dim: int) -> None:
+    """Uniform pruning keeps one architecture: record the new sizes so that plain transformers rebuilds it.
+    head_dim is written explicitly because several families derive it as hidden_size // num_heads."""
+    config.num_attention_heads = num_heads
+    config.num_key_value_heads = num_kv_heads
+    config.intermediate_size = intermediate
+    config.head_dim = head_dim

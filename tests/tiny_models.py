@@ -1,0 +1,53 @@
+"""Tiny random configs (2-4 layers) of every supported family, GQA and MHA variants."""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 258  # byte-level tokenizer below: <pad>, <eos>, 256 bytes
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, max_position_embeddings=128,
+               pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
+FAMILIES = {
+    "llama_gqa": (LlamaForCausalLM, LlamaConfig, dict(num_hidden_layers=2, num_attention_heads=8,
+                                                        num_key_value_heads=4, head_dim=8)),
+    "llama_mha": (LlamaForCausalLM, LlamaConfig, dict(num_hidden_layers=3, num_attention_heads=6, hidden_size=60,
+                                                        num_key_value_heads=6, tie_word_embeddings=True)),
+    "mistral_gqa": (MistralForCausalLM, MistralConfig, dict(num_hidden_layers=2, num_attention_heads=8,
+                                                              num_key_value_heads=2, head_dim=8,
+                                                              sliding_window=None)),
+    "qwen2_gqa": (Qwen2ForCausalLM, Qwen2Config, dict(num_hidden_layers=2, num_attention_heads=6,
+                                                        num_key_value_heads=3, use_sliding_window=False)),
+    "phi_mha": (PhiForCausalLM, PhiConfig, dict(num_hidden_layers=2, num_attention_heads=4,
+                                                  partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                  attention_dropout=0.0)),
+    "phi3_gqa": (Phi3ForCausalLM, Phi3Config, dict(num_hidden_layers=4, num_attention_heads=8,
+                                                     num_key_value_heads=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                     attention_dropout=0.0, pad_token_id=0)),
+}
+
+
+def make_tiny(name: str, seed: int = 0) -> torch.nn.Module:
+    cls, config_cls, extra = FAMILIES[name]
+    config = config_cls(**{**_COMMON, **extra})
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    # Random biases and norm weights too, so that slicing them wrongly cannot go unnoticed.
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if name_.endswith("bias") or "norm" in name_:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def tiny_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "<eos>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
