@@ -10,6 +10,14 @@ from .config import CRITERIA, DEVICES, DTYPES
 from .errors import AmpError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes get the same one-line error and exit status as every other bad input."""
+
+    def error(self, message):
+        print(f"amp: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _prune_parser(sub):
     p = sub.add_parser("prune", help="prune attention heads and MLP neurons with the AMP criterion")
     p.add_argument("model", nargs="?", default=None,
@@ -68,8 +76,8 @@ def main(argv=None) -> int:
     # Nothing this tool does may reach the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="amp", description="AMP structured pruning for decoder-only LLMs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="amp", description="AMP structured pruning for decoder-only LLMs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _prune_parser(sub)
     _info_parser(sub)
     args = parser.parse_args(argv)
