@@ -1,8 +1,8 @@
 """Calibration statistics of one decoder layer, gathered by hooks that a context manager always removes.
 
 Per layer: for each query head the sum over calibration tokens of the L1 norm of what it writes through the
-output projection (through the fused `head_norms` kernel), and for each MLP neuron the sum of |input of the
-down projection|. Padding tokens are excluded through the mask the pipeline sets before each batch.
+output projection (the fused `head_norms` kernel), and for each MLP neuron the sum of |input of the down
+projection| (gathered by the fused `swiglu` / `gelu_mlp_act` kernels in the MLP's own forward pass). Padding tokens are excluded through the mask the pipeline sets before each batch.
 """
 from __future__ import annotations
 
@@ -38,13 +38,47 @@ class TokenMask:
         return x if self.flat is None else x[self.flat.to(x.device)]
 
 
+# Activations the fused kernels compute, per MLP kind; any other activation falls back to a down-proj hook.
+_FUSED_ACTS = {True: ("silu", "swish"), False: ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")}
+
+
+def _fused_mlp_forward(mlp_in, down, spec: ArchSpec, stats: "LayerStats", token_mask: TokenMask):
+    """The MLP's forward on valid tokens only, its activation (and the neuron statistics) in one kernel call.
+    Padding rows get zeros: with right padding and a causal mask they never reach a valid token."""
+    def forward(x):
+        rows = token_mask.select(x)
+        if spec.gated:
+            gate, up = mlp_in(rows)
+            a = amp_kernels.swiglu(gate, up, neuron_stats=stats.neuron_abs)
+        else:
+            a = amp_kernels.gelu_mlp_act(mlp_in(rows)[0], neuron_stats=stats.neuron_abs)
+        y = down(a)
+        if token_mask.flat is None:
+            return y.view(*x.shape[:-1], y.shape[-1])
+        out = y.new_zeros(x.shape[:-1].numel(), y.shape[-1])
+        out[token_mask.flat.to(out.device)] = y
+        return out.view(*x.shape[:-1], y.shape[-1])
+    return forward
+
+
+def _mlp_inputs(layer, spec: ArchSpec):
+    """A function x -> (gate, up) or (fc1(x),) for the layer's MLP input projections."""
+    if spec.gate_up:
+        fused = spec.get(layer, spec.gate_up)
+        return lambda x: fused(x).chunk(2, dim=-1)
+    mods = [spec.get(layer, p) for p in spec.mlp_in]
+    return lambda x: tuple(m(x) for m in mods)
+
+
 @contextmanager
-def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, token_mask: TokenMask):
+def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, token_mask: TokenMask,
+                     hidden_act: str | None = None):
     device = next(layer.parameters()).device
     stats = LayerStats(torch.zeros(geom.num_heads, dtype=torch.float32, device=device),
                        torch.zeros(geom.intermediate, dtype=torch.float32, device=device))
     o_proj = spec.get(layer, spec.o)
     down = spec.get(layer, spec.down)
+    mlp = spec.get(layer, spec.mlp)
 
     def on_o_input(_module, args):
         x = token_mask.select(args[0])
@@ -54,9 +88,16 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
     def on_down_input(_module, args):
         stats.neuron_abs += token_mask.select(args[0]).float().abs().sum(dim=0)
 
-    handles = [o_proj.register_forward_pre_hook(on_o_input), down.register_forward_pre_hook(on_down_input)]
+    handles = [o_proj.register_forward_pre_hook(on_o_input)]
+    fused = hidden_act in _FUSED_ACTS[spec.gated]
     try:
+        if fused:
+            mlp.forward = _fused_mlp_forward(_mlp_inputs(layer, spec), down, spec, stats, token_mask)
+        else:
+            handles.append(down.register_forward_pre_hook(on_down_input))
         yield stats
     finally:
         for h in handles:
             h.remove()
+        if fused:
+            del mlp.forward  # back to the class's forward

@@ -118,6 +118,7 @@ def prune_model(model, config: PruneConfig, calibration: list[torch.Tensor] | No
     keep_neurons_n = geom.intermediate - the_plan.neurons_removed
     generator = torch.Generator().manual_seed(config.seed)
     token_mask = TokenMask()
+    hidden_act = getattr(model.config, "hidden_act", None)
     kept = []
     for index, layer in enumerate(tqdm(layers, desc=f"pruning ({config.criterion})", unit="layer",
                                        disable=not progress)):
@@ -125,7 +126,7 @@ def prune_model(model, config: PruneConfig, calibration: list[torch.Tensor] | No
         if config.needs_calibration:
             with timer.phase("calibrate"):
                 layer.to(device)
-                with statistics_hooks(layer, spec, geom, token_mask) as stats:
+                with statistics_hooks(layer, spec, geom, token_mask, hidden_act) as stats:
                     for b, (hidden, args, kwargs) in enumerate(cached):
                         token_mask.set(masks[b])
                         out = _layer_output(layer(hidden, *args, **kwargs))

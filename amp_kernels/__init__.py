@@ -33,7 +33,7 @@ def head_norms(x: torch.Tensor, w_o: torch.Tensor, num_heads: int, p: int = 1,
     """fp32 (H,): per head, the sum over tokens of the p-norm of its contribution through w_o."""
     _check_head_norms_args(x, w_o, num_heads, p, out)
     if use_triton(x):
-        from .head_norms import head_norms_triton
+        from .triton_head_norms import head_norms_triton
         return head_norms_triton(x, w_o, num_heads, p=p, out=out)
     return reference.head_norms(x, w_o, num_heads, p=p, out=out)
 
@@ -50,7 +50,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | No
         raise ValueError(f"swiglu: gate {gate.dtype} {tuple(gate.shape)} and up {up.dtype} {tuple(up.shape)} differ")
     _check_stats("swiglu", gate, neuron_stats)
     if use_triton(gate):
-        from .mlp_act import swiglu_triton
+        from .triton_mlp_act import swiglu_triton
         return swiglu_triton(gate, up, neuron_stats)
     return reference.swiglu(gate, up, neuron_stats)
 
@@ -59,7 +59,7 @@ def gelu_mlp_act(h: torch.Tensor, neuron_stats: torch.Tensor | None = None) -> t
     """gelu_new(h) (tanh approximation, Phi's MLP), optionally adding per-neuron sums of |result|."""
     _check_stats("gelu_mlp_act", h, neuron_stats)
     if use_triton(h):
-        from .mlp_act import gelu_triton
+        from .triton_mlp_act import gelu_triton
         return gelu_triton(h, neuron_stats)
     return reference.gelu_mlp_act(h, neuron_stats)
 
@@ -81,6 +81,6 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_map: t
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"gqa_attention: dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if use_triton(q):
-        from .gqa_attention import gqa_attention_triton
+        from .triton_gqa_attention import gqa_attention_triton
         return gqa_attention_triton(q, k, v, head_map, causal=causal, scale=scale)
     return reference.gqa_attention(q, k, v, head_map, causal=causal, scale=scale)

@@ -6,10 +6,23 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    # Triton builds its own library functions (tl.sum, tl.sigmoid, ...) at import time, for the interpreter only
+    # if TRITON_INTERPRET=1 then. Import it so here, then switch the flag off again: the engine's tests run the
+    # pure-torch twins, and the kernel tests switch the interpreter on for themselves (test_kernels.py).
+    try:
+        os.environ["TRITON_INTERPRET"] = "1"
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        os.environ["TRITON_INTERPRET"] = "0"
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from tiny_models import FAMILIES, make_tiny, tiny_tokenizer  # noqa: E402
 

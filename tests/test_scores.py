@@ -81,3 +81,32 @@ def test_magnitude_needs_no_data_and_matches_weight_norms():
     direct = (q.square().sum((1, 2)) + o.square().sum((0, 2))).sqrt()
     torch.testing.assert_close(torch.tensor(report["layers"][0]["head_scores"]), direct.detach(), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_fused_mlp_statistics_equal_the_hook_path(family):
+    """Calibration gathers neuron statistics inside the fused activation kernel; the plain down-proj hook
+    (used for activations the kernels do not cover) must agree, and so must the layer's outputs."""
+    from amp.calibrate import TokenMask, statistics_hooks
+    model = make_tiny(family)
+    spec, geom = spec_for(model), Geometry.from_config(model.config)
+    layer = model.model.layers[0]
+    x = torch.randn(3, 11, geom.hidden, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    mask[1, 7:] = False
+    mask[2, 3:] = False
+    position_ids = torch.arange(11)[None]
+    emb = model.model.rotary_emb(x, position_ids)
+    with torch.no_grad():
+        results = []
+        for act in (model.config.hidden_act, None):
+            token_mask = TokenMask()
+            token_mask.set(mask)
+            with statistics_hooks(layer, spec, geom, token_mask, act) as stats:
+                out = layer(x, position_embeddings=emb, position_ids=position_ids)
+            results.append((stats, out[0] if isinstance(out, tuple) else out))
+    (fused, out_f), (hooked, out_h) = results
+    assert fused.tokens == hooked.tokens == int(mask.sum())
+    torch.testing.assert_close(fused.neuron_abs, hooked.neuron_abs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.head_l1, hooked.head_l1)
+    torch.testing.assert_close(out_f[mask], out_h[mask], rtol=1e-5, atol=1e-6)
+    assert "forward" not in vars(spec.get(layer, spec.mlp)), "the MLP forward was not restored"
