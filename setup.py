@@ -16,6 +16,6 @@ setup(
         "tqdm>=4.60",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7"], "bench": ["matplotlib>=3.5"]},
     entry_points={"console_scripts": ["amp=amp.cli:main"]},
 )
