@@ -54,6 +54,7 @@ def prune_(model, config: PruneConfig, calibration=None, *, progress: bool = Tru
         "calibration": {
             "source": calibration.name if isinstance(calibration, data.Calibration) else
             ("token tensors" if samples else None),
+            "file": calibration.file if isinstance(calibration, data.Calibration) else None,
             "samples": len(samples) if samples else 0, "tokens": result["calibration_tokens"],
             "seqlen": config.seqlen, "seed": config.seed, "used": config.needs_calibration,
         },

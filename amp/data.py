@@ -26,6 +26,7 @@ _CORPUS_FILES = {"alpaca": "text/alpaca_5000.json", "wikitext2": "text/wikitext2
 class Calibration:
     name: str                    # what the report calls it
     samples: list[torch.Tensor]  # 1-D token id tensors
+    file: str | None = None      # where the text came from
 
     @property
     def num_tokens(self) -> int:
@@ -105,7 +106,7 @@ def load_calibration(tokenizer, source: str = "alpaca", nsamples: int = 128, seq
         picks = rng.sample(texts, nsamples) if nsamples <= len(texts) else [rng.choice(texts) for _ in range(nsamples)]
         samples = [torch.tensor(tokenizer(t, add_special_tokens=True)["input_ids"][:seqlen], dtype=torch.long)
                    for t in picks]
-        return Calibration(name, [s for s in samples if len(s) > 0])
+        return Calibration(name, [s for s in samples if len(s) > 0], str(path))
     # Text corpus: concatenate, tokenize once (only as much as needed) and cut random windows of seqlen.
     joined = "\n\n".join(t for t in texts if t.strip())
     if not joined.strip():
@@ -115,4 +116,4 @@ def load_calibration(tokenizer, source: str = "alpaca", nsamples: int = 128, seq
     if len(ids) < seqlen:
         raise AmpError(f"calibration file {path} holds {len(ids)} tokens, too short for one window of {seqlen}")
     starts = [rng.randrange(0, len(ids) - seqlen + 1) for _ in range(nsamples)]
-    return Calibration(name, [ids[s:s + seqlen].clone() for s in starts])
+    return Calibration(name, [ids[s:s + seqlen].clone() for s in starts], str(path))

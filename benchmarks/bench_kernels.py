@@ -136,7 +136,7 @@ def plot(rows, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="2048,8192,16384" if CUDA else "2048")
+    p.add_argument("--tokens", default="2048,8192,16384" if CUDA else "1024,2048,4096")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--dtype", default="bfloat16" if CUDA else "float32")
     p.add_argument("--repeats", type=int, default=3)

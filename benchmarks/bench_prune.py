@@ -28,6 +28,7 @@ def _setup(args):
     start = time.perf_counter()
     model, tokenizer, _ = models.load_model(None, args.dtype)
     load_s = time.perf_counter() - start
+    args.load_rss_mb = _rss_mb()
     calib = data.load_calibration(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, args.data_dir)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return model.to(args.device) if args.worker != "prune" else model, tokenizer, calib, pad, load_s
@@ -53,7 +54,7 @@ def worker_prune(args) -> dict:
         save_s = time.perf_counter() - start
     med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
     cs = sorted(r["calibrate"] + r["score"] for r in runs)
-    return {"load_s": load_s, **{f"{k}_s": v for k, v in med.items()}, "save_s": save_s,
+    return {"load_s": load_s, "load_rss_mb": args.load_rss_mb, **{f"{k}_s": v for k, v in med.items()}, "save_s": save_s,
             "calibrate_score_s": cs[len(cs) // 2], "calibrate_score_min_s": cs[0], "calibrate_score_max_s": cs[-1],
             "ratio_achieved": report["ratio_achieved"], "tokens": calib.num_tokens,
             "phase_peak_rss_mb": {k: v["peak_rss_mb"] for k, v in timer.report().items()}, "peak_rss_mb": _rss_mb()}
@@ -134,7 +135,7 @@ def main():
     cs_over_fwd = prune["calibrate_score_s"] / forward["forward_s"]
     paper_over_fwd = paper["paper_s"] / forward["forward_s"]
     rows = [
-        {"what": "load (safetensors cache)", "seconds": prune["load_s"], "peak_rss_mb": prune["phase_peak_rss_mb"].get("calibrate", 0)},
+        {"what": "load (safetensors cache)", "seconds": prune["load_s"], "peak_rss_mb": prune["load_rss_mb"]},
         {"what": "calibrate (layer-wise, fused head norms)", "seconds": prune["calibrate_s"],
          "peak_rss_mb": prune["phase_peak_rss_mb"]["calibrate"]},
         {"what": "score", "seconds": prune["score_s"], "peak_rss_mb": prune["phase_peak_rss_mb"]["score"]},

@@ -52,11 +52,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _command() -> str:
+    script = Path(sys.argv[0])
+    if script.parent.name == "benchmarks" and script.suffix == ".py":  # run as python -m benchmarks.x
+        return " ".join(["python", "-m", f"benchmarks.{script.stem}", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
+
+
 def machine() -> dict:
     info = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "python": platform.python_version(), "torch": torch.__version__, "commit": git_commit(),
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+            "command": _command()}
     try:
         import transformers
         info["transformers"] = transformers.__version__
