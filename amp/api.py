@@ -50,7 +50,7 @@ def prune_(model, config: PruneConfig, calibration=None, *, progress: bool = Tru
             "attention_units_removed_ideal": plan.ideal_attn_units_removed,
             "params_removed": plan.params_removed_per_layer,
         },
-        "notes": _notes(plan, g0),
+        "notes": _notes(plan, g0) + result["notes"],
         "calibration": {
             "source": calibration.name if isinstance(calibration, data.Calibration) else
             ("token tensors" if samples else None),

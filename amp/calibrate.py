@@ -2,7 +2,10 @@
 
 Per layer: for each query head the sum over calibration tokens of the L1 norm of what it writes through the
 output projection (the fused `head_norms` kernel), and for each MLP neuron the sum of |input of the down
-projection| (gathered by the fused `swiglu` / `gelu_mlp_act` kernels in the MLP's own forward pass). Padding tokens are excluded through the mask the pipeline sets before each batch.
+projection| (gathered by the fused `swiglu` / `gelu_mlp_act` kernels in the MLP's own forward pass).
+With `moments=True` (the wanda-sp and flap baselines) also the per-channel sum and sum of squares (fp64) of
+the inputs of the output and down projections. Padding tokens are excluded through the mask the pipeline sets
+before each batch.
 """
 from __future__ import annotations
 
@@ -17,10 +20,46 @@ from .arch import ArchSpec, Geometry
 
 
 @dataclass
+class ChannelMoments:
+    """Per input channel of a projection, over calibration tokens: count, sum and sum of squares (fp64)."""
+    total: torch.Tensor
+    squares: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, width: int, device) -> "ChannelMoments":
+        return cls(torch.zeros(width, dtype=torch.float64, device=device),
+                   torch.zeros(width, dtype=torch.float64, device=device))
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        self.total += rows.sum(dim=0)
+        self.squares += rows.square().sum(dim=0)
+        self.count += rows.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """||x_j||_2 over tokens."""
+        return self.squares.sqrt()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased sample variance over tokens."""
+        n = self.count
+        return ((self.squares - self.total.square() / n) / max(n - 1, 1)).clamp_min(0.0)
+
+
+@dataclass
 class LayerStats:
     head_l1: torch.Tensor        # (H,) fp32, summed over tokens
     neuron_abs: torch.Tensor     # (I,) fp32, summed over tokens
     tokens: int = 0
+    o_moments: ChannelMoments | None = None      # inputs of the output projection (H*d channels)
+    down_moments: ChannelMoments | None = None   # inputs of the down projection (I channels)
 
 
 @dataclass
@@ -72,13 +111,16 @@ def _mlp_inputs(layer, spec: ArchSpec):
 
 @contextmanager
 def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, token_mask: TokenMask,
-                     hidden_act: str | None = None):
+                     hidden_act: str | None = None, moments: bool = False):
     device = next(layer.parameters()).device
     stats = LayerStats(torch.zeros(geom.num_heads, dtype=torch.float32, device=device),
                        torch.zeros(geom.intermediate, dtype=torch.float32, device=device))
     o_proj = spec.get(layer, spec.o)
     down = spec.get(layer, spec.down)
     mlp = spec.get(layer, spec.mlp)
+    if moments:
+        stats.o_moments = ChannelMoments.zeros(geom.num_heads * geom.head_dim, device)
+        stats.down_moments = ChannelMoments.zeros(geom.intermediate, device)
 
     def on_o_input(_module, args):
         x = token_mask.select(args[0])
@@ -88,8 +130,15 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
     def on_down_input(_module, args):
         stats.neuron_abs += token_mask.select(args[0]).float().abs().sum(dim=0)
 
-    handles = [o_proj.register_forward_pre_hook(on_o_input)]
     fused = hidden_act in _FUSED_ACTS[spec.gated]
+    handles = [o_proj.register_forward_pre_hook(on_o_input)]
+    if moments:
+        handles.append(o_proj.register_forward_pre_hook(
+            lambda _m, args: stats.o_moments.add(token_mask.select(args[0]))))
+        # The fused MLP forward feeds the down projection valid rows only; the hook path feeds every row.
+        handles.append(down.register_forward_pre_hook(
+            lambda _m, args: stats.down_moments.add(args[0].reshape(-1, args[0].shape[-1]) if fused
+                                                    else token_mask.select(args[0]))))
     try:
         if fused:
             mlp.forward = _fused_mlp_forward(_mlp_inputs(layer, spec), down, spec, stats, token_mask)

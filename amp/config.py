@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 from .errors import AmpError
 
-CRITERIA = ("amp", "magnitude", "random", "reversed")
+CRITERIA = ("amp", "magnitude", "random", "reversed", "wanda-sp", "flap")
+# Criteria that need per-channel input moments, and the one that folds removed channels into a bias.
+MOMENT_CRITERIA = ("wanda-sp", "flap")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 # Criteria that need no calibration data.

@@ -22,6 +22,11 @@ def scores(criterion: str, layer: torch.nn.Module, spec: ArchSpec, geom: Geometr
                 torch.rand(geom.intermediate, generator=generator))
     if criterion == "magnitude":
         return magnitude_scores(layer, spec, geom)
+    if criterion in ("wanda-sp", "flap"):
+        if stats is None or stats.o_moments is None or stats.o_moments.count == 0:
+            raise ValueError(f"criterion {criterion!r} needs calibration channel statistics")
+        fn = wanda_sp_scores if criterion == "wanda-sp" else flap_scores
+        return fn(layer, spec, geom, stats)
     raise ValueError(f"unknown criterion {criterion!r}")
 
 
@@ -60,3 +65,26 @@ def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Sorted indices of the n_keep highest scores; ties go to the lower index, so results are stable."""
     order = torch.argsort(-scores, stable=True)
     return torch.sort(order[:n_keep]).values
+
+
+def wanda_sp_scores(layer, spec: ArchSpec, geom: Geometry, stats: LayerStats):
+    """Wanda-sp (structured Wanda, as in the FLAP paper's baseline): per input channel j of the output / down
+    projection, mean over output rows i of |W_ij| * ||x_j||_2; a head sums its channels."""
+    w_o = spec.get(layer, spec.o).weight.detach().double().abs()
+    w_down = spec.get(layer, spec.down).weight.detach().double().abs()
+    channel_o = (w_o * stats.o_moments.l2.to(w_o.device)[None, :]).mean(dim=0)
+    neuron = (w_down * stats.down_moments.l2.to(w_down.device)[None, :]).mean(dim=0)
+    head = channel_o.view(geom.num_heads, geom.head_dim).sum(dim=1)
+    return head.float().cpu(), neuron.float().cpu()
+
+
+def flap_scores(layer, spec: ArchSpec, geom: Geometry, stats: LayerStats):
+    """FLAP's fluctuation metric (WIFV): per input channel j, the sample variance of x_j over calibration
+    tokens times ||W[:, j]||_2^2 (how much the output moves when the channel is replaced by its mean); a head
+    sums its channels. The removed channels' means are then folded into the bias (slicing.compensate_bias)."""
+    w_o = spec.get(layer, spec.o).weight.detach().double()
+    w_down = spec.get(layer, spec.down).weight.detach().double()
+    channel_o = stats.o_moments.variance.to(w_o.device) * w_o.square().sum(dim=0)
+    neuron = stats.down_moments.variance.to(w_down.device) * w_down.square().sum(dim=0)
+    head = channel_o.view(geom.num_heads, geom.head_dim).sum(dim=1)
+    return head.float().cpu(), neuron.float().cpu()

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from . import allocate, criteria, slicing
 from .arch import Geometry, spec_for
 from .calibrate import TokenMask, statistics_hooks
-from .config import PruneConfig
+from .config import MOMENT_CRITERIA, PruneConfig
 from .errors import AmpError
 from .profiling import PhaseTimer
 
@@ -82,6 +82,12 @@ def capture_layer_inputs(model, batches, device: torch.device) -> list:
     return store
 
 
+def _complement(kept: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[kept] = False
+    return mask.nonzero().flatten()
+
+
 def _layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -113,6 +119,17 @@ def prune_model(model, config: PruneConfig, calibration: list[torch.Tensor] | No
                 masks.append(None if bool(mask.all()) else mask.bool().to(device))
             n_tokens = sum(int(m.sum()) for _, m in batches)
 
+    moments = config.criterion in MOMENT_CRITERIA
+    notes = []
+    compensate = config.criterion == "flap" and spec.output_bias != "none"
+    if config.criterion == "flap" and not compensate:
+        notes.append(f"flap: {type(model).__name__} cannot load an output-projection bias in plain transformers, "
+                     "so the bias compensation was skipped (fluctuation metric only)")
+    if compensate and spec.output_bias == "config":
+        slicing.enable_config_biases(model, spec, layers)
+        notes.append("flap: biases enabled (attention_bias, mlp_bias) to hold the compensation; q/k/v and "
+                     "gate/up biases are zero")
+
     keep_heads_n = geom.num_heads - the_plan.heads_removed
     keep_kv_n = geom.num_kv_heads - the_plan.kv_heads_removed
     keep_neurons_n = geom.intermediate - the_plan.neurons_removed
@@ -126,7 +143,7 @@ def prune_model(model, config: PruneConfig, calibration: list[torch.Tensor] | No
         if config.needs_calibration:
             with timer.phase("calibrate"):
                 layer.to(device)
-                with statistics_hooks(layer, spec, geom, token_mask, hidden_act) as stats:
+                with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments) as stats:
                     for b, (hidden, args, kwargs) in enumerate(cached):
                         token_mask.set(masks[b])
                         out = _layer_output(layer(hidden, *args, **kwargs))
@@ -137,14 +154,20 @@ def prune_model(model, config: PruneConfig, calibration: list[torch.Tensor] | No
             kept_heads = (kept_kv[:, None] * geom.group_size + torch.arange(geom.group_size)).reshape(-1)
             kept_neurons = criteria.keep_top(neuron_s, keep_neurons_n)
         with timer.phase("slice"):
+            if compensate:
+                q_cols = (kept_heads[:, None] * geom.head_dim + torch.arange(geom.head_dim)).reshape(-1)
+                slicing.compensate_bias(spec.get(layer, spec.o), _complement(q_cols, geom.num_heads * geom.head_dim),
+                                        stats.o_moments.mean)
+                slicing.compensate_bias(spec.get(layer, spec.down), _complement(kept_neurons, geom.intermediate),
+                                        stats.down_moments.mean)
             slicing.slice_attention(layer, spec, geom, kept_heads, kept_kv)
             slicing.slice_mlp(layer, spec, geom, kept_neurons)
             layer.to(host)
         kept.append({"layer": index, "kept_heads": kept_heads.tolist(), "kept_kv_heads": kept_kv.tolist(),
                      "kept_neurons": kept_neurons.tolist(),
-                     "head_scores": [round(float(s), 6) for s in head_s],
+                     "head_scores": [float(f"{float(s):.7g}") for s in head_s],
                      })
     assert keep_heads_n == len(kept[0]["kept_heads"])
     slicing.update_config(model.config, keep_heads_n, keep_kv_n, keep_neurons_n, geom.head_dim)
-    return {"plan": the_plan, "layers": kept, "calibration_tokens": n_tokens, "geometry_before": geom,
+    return {"plan": the_plan, "layers": kept, "notes": notes, "calibration_tokens": n_tokens, "geometry_before": geom,
             "geometry_after": Geometry.from_config(model.config)}

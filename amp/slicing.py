@@ -67,3 +67,33 @@ def update_config(config, num_heads: int, num_kv_heads: int, intermediate: int, 
     config.num_key_value_heads = num_kv_heads
     config.intermediate_size = intermediate
     config.head_dim = head_dim
+
+
+def compensate_bias(linear: nn.Linear, removed: torch.Tensor, channel_mean: torch.Tensor) -> None:
+    """FLAP's bias compensation: the removed input channels are replaced by their calibration mean, folded
+    into the bias (b += W[:, removed] @ mean[removed]), so the output on the calibration mean is unchanged.
+    Call before the columns are sliced away."""
+    if len(removed) == 0:
+        return
+    removed = removed.to(linear.weight.device)
+    shift = linear.weight.detach().double().index_select(1, removed) @ \
+        channel_mean.to(linear.weight.device).double().index_select(0, removed)
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                               device=linear.weight.device), requires_grad=False)
+    linear.bias.data += shift.to(linear.bias.dtype)
+
+
+def enable_config_biases(model, spec: ArchSpec, layers) -> None:
+    """For families whose config switches biases on per block (LlamaConfig.attention_bias / mlp_bias): give
+    every projection of every layer a zero bias and set the flags, so that the compensated output biases load
+    in plain transformers."""
+    paths = [p for p in (spec.q, spec.k, spec.v, spec.qkv, spec.o, spec.gate_up, *spec.mlp_in, spec.down) if p]
+    for layer in layers:
+        for path in paths:
+            linear = spec.get(layer, path)
+            if linear.bias is None:
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                       device=linear.weight.device), requires_grad=False)
+    model.config.attention_bias = True
+    model.config.mlp_bias = True

@@ -26,7 +26,7 @@ def masked_reference(original, report):
 
 
 @pytest.mark.parametrize("criterion,ratio", [("amp", 0.35), ("amp", 0.15), ("random", 0.45), ("magnitude", 0.3),
-                                             ("reversed", 0.25)])
+                                             ("reversed", 0.25), ("wanda-sp", 0.35)])
 def test_pruned_logits_equal_masked_original(family, criterion, ratio):
     original = make_tiny(family)
     pruned = copy.deepcopy(original)

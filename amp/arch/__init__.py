@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from ..errors import AmpError
 from .base import ArchSpec, Geometry
-from .llama import LLAMA
+from .llama import LLAMA, MISTRAL_QWEN2
 from .phi import PHI
 from .phi3 import PHI3
 
-_SPECS = (LLAMA, PHI, PHI3)
+_SPECS = (LLAMA, MISTRAL_QWEN2, PHI, PHI3)
 REGISTRY: dict[str, ArchSpec] = {cls: spec for spec in _SPECS for cls in spec.classes}
 SUPPORTED = tuple(sorted(REGISTRY))
 

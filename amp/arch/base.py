@@ -24,6 +24,10 @@ class ArchSpec:
     mlp: str = "mlp"
     act: str = "silu"                        # MLP activation, for the fused scoring path
     gated: bool = True                       # SwiGLU (act(gate) * up) vs plain act(fc1)
+    # How a bias on the output / down projection survives a save (FLAP's compensation needs one):
+    # "native" (the family always has it), "config" (config flags attention_bias / mlp_bias turn biases on for
+    # every projection of the block), "none" (the modelling code hard-codes bias=False).
+    output_bias: str = "none"
 
     def get(self, layer: nn.Module, path: str) -> nn.Module:
         return layer.get_submodule(path)

@@ -1,4 +1,9 @@
 """LLaMA family: LLaMA-1/2/3, SmolLM2, Mistral, Qwen2 (q/k/v biases are sliced with their rows)."""
+from dataclasses import replace
+
 from .base import ArchSpec
 
-LLAMA = ArchSpec(family="llama", classes=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"))
+# LlamaConfig's attention_bias / mlp_bias turn on biases that Mistral's and Qwen2's modelling code lacks.
+LLAMA = ArchSpec(family="llama", classes=("LlamaForCausalLM",), output_bias="config")
+MISTRAL_QWEN2 = replace(LLAMA, family="mistral/qwen2", classes=("MistralForCausalLM", "Qwen2ForCausalLM"),
+                        output_bias="none")
