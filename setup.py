@@ -14,6 +14,7 @@ setup(
         "safetensors>=0.4",
         "gguf>=0.10",
         "tqdm>=4.60",
+        "lm-eval>=0.4.9",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={"test": ["pytest>=7"], "bench": ["matplotlib>=3.5"]},

@@ -57,9 +57,14 @@ def read_report(folder) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def rewrite_report(folder, report: dict) -> None:
-    """Replaces the report of a finished folder atomically (write a sibling file, then rename)."""
-    path = Path(folder) / REPORT_NAME
-    tmp = path.with_name(f".{REPORT_NAME}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
+def write_json_atomic(path, payload: dict) -> None:
+    """Writes JSON to a sibling temporary file, then renames it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
+
+
+def rewrite_report(folder, report: dict) -> None:
+    """Replaces the report of a finished folder atomically."""
+    write_json_atomic(Path(folder) / REPORT_NAME, report)

@@ -39,6 +39,45 @@ def _prune_parser(sub):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _eval_parser(sub):
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model folder (lm-eval)")
+    p.add_argument("model_dir")
+    p.add_argument("--tasks", default=None, help="comma list (default: the seven whose data files are present)")
+    p.add_argument("--ppl", default="wikitext2,c4", help="comma list of corpora, or 'none'")
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (papers use 2048 or 128)")
+    p.add_argument("--max-windows", type=int, default=None, help="cap perplexity windows (default: all; c4 256)")
+    p.add_argument("--data-dir", default=None, help="folder with text/ and tasks/ ($AMP_DATA_DIR)")
+    p.add_argument("--limit", type=int, default=None, help="first N rows of each task, for quick runs")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--baseline", default=None, help="a dense model folder to compare with")
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint import write_json_atomic
+    from .eval_report import markdown
+    from .evaluate import evaluate
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise AmpError("--device cuda was asked for, but this machine has no CUDA device")
+    tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
+    ppl = [] if args.ppl in ("none", "") else args.ppl.split(",")
+    kwargs = dict(tasks=tasks, ppl=ppl, seqlen=args.seqlen, data_dir=args.data_dir, limit=args.limit,
+                  batch_size=args.batch_size, device=args.device, max_windows=args.max_windows,
+                  progress=not args.quiet)
+    result = evaluate(args.model_dir, **kwargs)
+    baseline = evaluate(args.baseline, **{**kwargs, "tasks": list(result["tasks"])}) if args.baseline else None
+    if baseline:
+        result["baseline"] = baseline
+    print(markdown(result, baseline))
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0
+
+
 def _info_parser(sub):
     p = sub.add_parser("info", help="print structure and parameter counts of a model folder")
     p.add_argument("folder")
@@ -76,13 +115,15 @@ def main(argv=None) -> int:
     # Nothing this tool does may reach the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     parser = _Parser(prog="amp", description="AMP structured pruning for decoder-only LLMs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _prune_parser(sub)
     _info_parser(sub)
+    _eval_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"prune": cmd_prune, "info": cmd_info}[args.command](args)
+        return {"prune": cmd_prune, "info": cmd_info, "eval": cmd_eval}[args.command](args)
     except AmpError as e:
         print(f"amp: error: {e}", file=sys.stderr)
         return 2

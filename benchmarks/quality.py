@@ -1,0 +1,125 @@
+"""How much does the pruned model keep? SmolLM2-135M pruned at 10, 20 and 30 % with every criterion on one
+calibration set, evaluated on WikiText-2 perplexity and the five shipped zero-shot tasks (lm-eval, --limit rows
+each), side by side with the dense model. Writes benchmarks/results/quality.{md,csv,json,png}.
+    python -m benchmarks.quality [--ratios 0.1,0.2,0.3] [--limit 100] [--ppl-windows 40]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from benchmarks.harness import RESULTS, machine, record
+
+TASKS = ["boolq", "piqa", "winogrande", "arc_easy", "arc_challenge"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratios", default="0.1,0.2,0.3")
+    p.add_argument("--criteria", default="amp,wanda-sp,flap,magnitude,random,reversed")
+    p.add_argument("--calib", default="alpaca")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window")
+    p.add_argument("--ppl-windows", type=int, default=40)
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    import amp
+    from amp.data import default_data_dir
+    from amp.evaluate import corpus_text, evaluate_model
+    data_dir = args.data_dir or default_data_dir()
+    dense, tokenizer, _ = amp.load_model(None)
+    calib = amp.load_calibration(tokenizer, args.calib, args.nsamples, 512, args.seed, data_dir)
+    texts = {"wikitext2": corpus_text("wikitext2", data_dir)}
+
+    def score(model, name):
+        start = time.perf_counter()
+        r = evaluate_model(model, tokenizer, name, TASKS, texts, args.seqlen, data_dir, args.limit, 8, "cpu",
+                           args.ppl_windows, progress=False)
+        print(f"{name}: ppl {r['perplexity'][f'wikitext2@{args.seqlen}']:.2f}, "
+              f"avg {r['averages']['evaluated']['value']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        return r
+
+    results = {"dense": score(dense, "dense")}
+    rows = [_row("dense", 0.0, 0.0, results["dense"], args.seqlen)]
+    for ratio in map(float, args.ratios.split(",")):
+        for criterion in args.criteria.split(","):
+            model = copy.deepcopy(dense)
+            report = amp.prune_(model, amp.PruneConfig(ratio=ratio, criterion=criterion, seed=args.seed),
+                                calib if criterion not in ("magnitude", "random") else None, progress=False)
+            r = score(model, f"{criterion}@{ratio}")
+            r["prune_notes"] = report["notes"]
+            results[f"{criterion}@{ratio}"] = r
+            rows.append(_row(criterion, ratio, report["ratio_achieved"], r, args.seqlen))
+            del model
+    summary = _ranking(rows) + [
+        f"Calibration: {calib.name}, {len(calib.samples)} samples, {calib.num_tokens} tokens, seed {args.seed}. "
+        f"Perplexity: WikiText-2 test, first {args.ppl_windows} windows of {args.seqlen} tokens. Zero-shot: lm-eval, "
+        f"first {args.limit} rows of each of {', '.join(TASKS)}; 'avg' is their mean (acc_norm for piqa and the "
+        "ARC sets, acc for boolq and winogrande). Uniform allocation for every criterion."]
+    record("quality", rows, summary, results_dir=_path(args.out))
+    (_path(args.out) / "quality.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+    _plot(rows, _path(args.out) / "quality.png", args)
+    print("\n".join(summary))
+
+
+def _path(p):
+    from pathlib import Path
+    return Path(p)
+
+
+def _row(criterion, ratio, achieved, r, seqlen):
+    row = {"criterion": criterion, "ratio": ratio, "achieved": round(achieved, 4),
+           "wikitext2_ppl": r["perplexity"][f"wikitext2@{seqlen}"]}
+    for t in TASKS:
+        row[t] = r["tasks"][t][r["metric"][t]]
+    row["avg"] = r["averages"]["evaluated"]["value"]
+    return row
+
+
+def _ranking(rows):
+    lines = []
+    for ratio in sorted({r["ratio"] for r in rows if r["ratio"]}):
+        at = [r for r in rows if r["ratio"] == ratio]
+        by_ppl = sorted(at, key=lambda r: r["wikitext2_ppl"])
+        by_acc = sorted(at, key=lambda r: -r["avg"])
+        has_amp = any(r["criterion"] == "amp" for r in at)
+        amp_ppl = [r["criterion"] for r in by_ppl].index("amp") + 1 if has_amp else None
+        amp_acc = [r["criterion"] for r in by_acc].index("amp") + 1 if has_amp else None
+        ppl_rank = " < ".join(f"{r['criterion']} ({r['wikitext2_ppl']:.1f})" for r in by_ppl)
+        acc_rank = " > ".join(f"{r['criterion']} ({100 * r['avg']:.1f})" for r in by_acc)
+        lines.append(f"At {ratio:.0%}: perplexity ranking {ppl_rank}; accuracy ranking {acc_rank}. "
+                     f"AMP is #{amp_ppl} by perplexity and #{amp_acc} by average accuracy of {len(at)}.")
+    return lines
+
+
+def _plot(rows, path, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    dense = next(r for r in rows if r["criterion"] == "dense")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for crit in [c for c in dict.fromkeys(r["criterion"] for r in rows) if c != "dense"]:
+        pts = sorted((r["ratio"], r["avg"], r["wikitext2_ppl"]) for r in rows if r["criterion"] == crit)
+        ax1.plot([100 * x[0] for x in pts], [100 * x[1] for x in pts], marker="o", label=crit)
+        ax2.plot([100 * x[0] for x in pts], [x[2] for x in pts], marker="o", label=crit)
+    ax1.axhline(100 * dense["avg"], color="k", ls="--", label="dense")
+    ax2.axhline(dense["wikitext2_ppl"], color="k", ls="--", label="dense")
+    ax1.set(xlabel="parameters removed (%)", ylabel="average zero-shot accuracy (%)",
+            title=f"5 tasks, first {args.limit} rows each")
+    ax2.set(xlabel="parameters removed (%)", ylabel="WikiText-2 perplexity (log)", yscale="log",
+            title=f"{args.ppl_windows} windows x {args.seqlen} tokens")
+    ax1.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct, uniform structured pruning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
