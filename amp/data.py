@@ -65,6 +65,18 @@ def alpaca_prompt(record: dict) -> str:
     return text + "Response:"
 
 
+def read_jsonl(path: Path, expected: str = "") -> list[tuple[int, object]]:
+    """(line number, parsed row) for every non-blank line; a bad line is an error naming file and line."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise AmpError(f"{path}:{n}: not valid JSON ({e.msg}){expected}") from None
+    return rows
+
+
 def _read_records(path: Path) -> tuple[list[str], bool]:
     """(texts, is_prompts): prompts are used one per sample, text is concatenated and windowed."""
     try:
@@ -73,13 +85,7 @@ def _read_records(path: Path) -> tuple[list[str], bool]:
             if not isinstance(rows, list):
                 raise AmpError(f"{path}: expected a JSON list of Alpaca records")
         elif path.suffix == ".jsonl":
-            rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise AmpError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            rows = [row for _, row in read_jsonl(path)]
         else:
             return [path.read_text(encoding="utf-8")], False
     except UnicodeDecodeError:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import read_jsonl
 from .errors import AmpError
 
 CORPORA = {"wikitext2": "text/wikitext2_test.txt", "c4": "text/c4_validation_2k.jsonl"}
@@ -52,12 +53,10 @@ def corpus_text(name: str, data_dir: Path) -> str:
         raise AmpError(f"perplexity corpus {name}: {path} is missing")
     if path.suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    docs.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise AmpError(f"{path}:{n}: malformed row; expected {{\"text\": ...}}") from None
+        for n, row in read_jsonl(path, "; expected {\"text\": ...} rows"):
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise AmpError(f"{path}:{n}: malformed row; expected {{\"text\": ...}} rows")
+            docs.append(row["text"])
         return "\n\n".join(docs)
     return path.read_text(encoding="utf-8")
 

@@ -2,11 +2,11 @@
 local files in the Hugging Face row format, the model handed over in memory. Nothing reaches the network."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import read_jsonl
 from .errors import AmpError
 
 
@@ -45,22 +45,14 @@ def check_task_file(task: str, data_dir: Path) -> int:
     expected = f"one JSON object per line with fields {', '.join(spec.fields)} (Hugging Face {task} rows)"
     if not path.is_file():
         raise AmpError(f"task {task}: data file {path} is missing; expected {expected}")
-    rows = 0
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AmpError(f"{path}:{n}: malformed row ({e.msg}); expected {expected}") from None
-            missing = [k for k in spec.fields if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise AmpError(f"{path}:{n}: malformed row, missing {', '.join(missing)}; expected {expected}")
-            rows += 1
-    if rows == 0:
+    rows = read_jsonl(path, f"; expected {expected}")
+    for n, row in rows:
+        missing = [k for k in spec.fields if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise AmpError(f"{path}:{n}: malformed row, missing {', '.join(missing)}; expected {expected}")
+    if not rows:
         raise AmpError(f"task {task}: {path} has no rows; expected {expected}")
-    return rows
+    return len(rows)
 
 
 def _task_config(task_manager, task: str, data_dir: Path) -> dict:
