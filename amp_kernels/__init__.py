@@ -10,7 +10,8 @@ import torch
 from . import reference
 from .dispatch import TRITON_AVAILABLE, use_triton
 
-__all__ = ["head_norms", "swiglu", "gelu_mlp_act", "gqa_attention", "reference", "TRITON_AVAILABLE"]
+__all__ = ["head_norms", "swiglu", "swiglu_matmul", "gelu_mlp_act", "gqa_attention", "reference",
+           "TRITON_AVAILABLE"]
 
 
 def _check_head_norms_args(x, w_o, num_heads, p, out):
@@ -53,6 +54,22 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | No
         from .triton_mlp_act import swiglu_triton
         return swiglu_triton(gate, up, neuron_stats)
     return reference.swiglu(gate, up, neuron_stats)
+
+
+def swiglu_matmul(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                  neuron_stats: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x @ w_gate.T) * (x @ w_up.T) in one kernel (the gate/up matmuls fused in), with optional statistics.
+    The engine uses the unfused path (matmuls, then `swiglu`) until a GPU measurement says this one wins."""
+    if x.dim() != 2 or w_gate.shape != w_up.shape or w_gate.dim() != 2 or w_gate.shape[1] != x.shape[1]:
+        raise ValueError(f"swiglu_matmul: x (N, K) and w_gate / w_up (I, K) expected, got {tuple(x.shape)}, "
+                         f"{tuple(w_gate.shape)}, {tuple(w_up.shape)}")
+    if x.dtype != w_gate.dtype or w_gate.dtype != w_up.dtype:
+        raise ValueError(f"swiglu_matmul: dtypes differ: {x.dtype}, {w_gate.dtype}, {w_up.dtype}")
+    _check_stats("swiglu_matmul", w_gate.T, neuron_stats)
+    if use_triton(x):
+        from .triton_swiglu_matmul import swiglu_matmul_triton
+        return swiglu_matmul_triton(x, w_gate, w_up, neuron_stats)
+    return reference.swiglu_matmul(x, w_gate, w_up, neuron_stats)
 
 
 def gelu_mlp_act(h: torch.Tensor, neuron_stats: torch.Tensor | None = None) -> torch.Tensor:

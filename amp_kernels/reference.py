@@ -86,3 +86,10 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_map: t
         kpos = torch.arange(s, device=q.device)[None, :]
         scores = scores.masked_fill(kpos > qpos, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), vv).to(q.dtype)
+
+
+def swiglu_matmul(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                  neuron_stats: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x @ w_gate.T) * (x @ w_up.T): the gate/up projections and the activation in one op; x (N, hidden),
+    w_gate / w_up (I, hidden). Statistics as in `swiglu`."""
+    return swiglu(x @ w_gate.T, x @ w_up.T, neuron_stats)

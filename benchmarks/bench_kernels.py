@@ -1,7 +1,8 @@
 """Kernel micro-benchmarks on the real shapes of LLaMA-2-7B, LLaMA-3-8B and SmolLM2.
 
 (1) head_norms: fused kernel vs the naive einsum + abs + sum (what the paper's hooks do) vs a plain matmul of
-    the same size (x @ W_o^T, the floor); (2) swiglu with statistics: fused vs unfused torch; (3) gqa_attention
+    the same size (x @ W_o^T, the floor); (2) swiglu with statistics: fused vs unfused torch, and (GPU only) the gate/up matmuls fused in too against
+    cuBLAS matmuls + the swiglu kernel; (3) gqa_attention
     vs SDPA with K/V expanded to every query head.
 GPU: triton.testing.do_bench, peak CUDA memory above the inputs. CPU: the twins (the engine's CPU path) against
 the naive path, with peak resident memory above the inputs (Linux VmHWM, reset before each call).
@@ -95,6 +96,22 @@ def bench_swiglu(name, tokens, dtype, repeats):
     return rows
 
 
+def bench_swiglu_matmul(name, tokens, dtype, repeats):
+    """Does fusing the gate/up matmuls into the activation pay off? Only a GPU can say (the CPU has no kernel)."""
+    hidden, _, _, _, inter = MODELS[name]
+    x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    wg = torch.randn(inter, hidden, device="cuda", dtype=dtype) * 0.02
+    wu = torch.randn(inter, hidden, device="cuda", dtype=dtype) * 0.02
+    stats = torch.zeros(inter, device="cuda", dtype=torch.float32)
+    fused = lambda: amp_kernels.swiglu_matmul(x, wg, wu, stats)
+    unfused = lambda: amp_kernels.swiglu(x @ wg.T, x @ wu.T, stats)
+    rows = []
+    for label, fn in (("fused gate/up matmuls", fused), ("cuBLAS matmuls + swiglu kernel", unfused)):
+        rows.append({"op": "swiglu_matmul", "model": name, "tokens": tokens, "dtype": str(dtype).split(".")[-1],
+                     "impl": label, "ms": _time(fn, repeats) * 1e3, "peak_extra_mb": _peak_extra_mb(fn)})
+    return rows
+
+
 def bench_attention(name, tokens, dtype, repeats):
     _, hq, hkv, d, _ = MODELS[name]
     dev = "cuda" if CUDA else "cpu"
@@ -140,11 +157,12 @@ def main():
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--dtype", default="bfloat16" if CUDA else "float32")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--ops", default="head_norms,swiglu,attention")
+    p.add_argument("--ops", default="head_norms,swiglu,swiglu_matmul,attention" if CUDA else "head_norms,swiglu,attention")
     p.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS), help="results folder")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
-    benches = {"head_norms": bench_head_norms, "swiglu": bench_swiglu, "attention": bench_attention}
+    benches = {"head_norms": bench_head_norms, "swiglu": bench_swiglu, "swiglu_matmul": bench_swiglu_matmul,
+               "attention": bench_attention}
     rows = []
     torch.manual_seed(0)
     for op in args.ops.split(","):

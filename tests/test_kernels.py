@@ -181,11 +181,30 @@ def test_dispatcher_takes_the_triton_path_here(monkeypatch):
     """Guards the suite's meaning: with the twins disabled, every public op still answers (the kernels ran)."""
     def refuse(*a, **k):
         raise AssertionError("the twin ran instead of the kernel")
-    for name in ("head_norms", "swiglu", "gelu_mlp_act", "gqa_attention"):
+    for name in ("head_norms", "swiglu", "swiglu_matmul", "gelu_mlp_act", "gqa_attention"):
         monkeypatch.setattr(reference, name, refuse)
     x = _rand(5, 64)
     amp_kernels.head_norms(x, _rand(8, 64), 1)
     amp_kernels.swiglu(x, x)
     amp_kernels.gelu_mlp_act(x)
+    amp_kernels.swiglu_matmul(x, _rand(16, 64), _rand(16, 64))
     q = _rand(1, 1, 3, 16)
     amp_kernels.gqa_attention(q, q, q, torch.zeros(1, dtype=torch.long, device=DEVICE))
+
+
+@pytest.mark.parametrize("n,hidden,inter", [(1, 64, 96), (7, 80, 123), (123, 128, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_swiglu_matmul_kernel_matches_twin(n, hidden, inter, dtype):
+    x = _rand(n, hidden, dtype=dtype, seed=13)
+    wg, wu = _rand(inter, hidden, dtype=dtype, scale=0.1, seed=14), _rand(inter, hidden, dtype=dtype, scale=0.1, seed=15)
+    stats = torch.zeros(inter, device=DEVICE)
+    stats_ref = torch.zeros(inter)
+    got = amp_kernels.swiglu_matmul(x, wg, wu, stats)
+    want = reference.swiglu_matmul(x.cpu().float(), wg.cpu().float(), wu.cpu().float(), stats_ref)
+    torch.testing.assert_close(got.cpu().float(), want, **TOL[dtype])
+    torch.testing.assert_close(stats.cpu(), stats_ref, rtol=1e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
+
+
+def test_swiglu_matmul_rejects_mismatches():
+    with pytest.raises(ValueError, match="swiglu_matmul"):
+        amp_kernels.swiglu_matmul(_rand(3, 8), _rand(5, 8), _rand(5, 9))
