@@ -139,35 +139,34 @@ def prune_model(model, config: PruneConfig, calibration: list[torch.Tensor] | No
     kept = []
     for index, layer in enumerate(tqdm(layers, desc=f"pruning ({config.criterion})", unit="layer",
                                        disable=not progress)):
-        stats = None
-        if config.needs_calibration:
-            with timer.phase("calibrate"):
-                layer.to(device)
-                with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments) as stats:
-                    for b, (hidden, args, kwargs) in enumerate(cached):
-                        token_mask.set(masks[b])
-                        out = _layer_output(layer(hidden, *args, **kwargs))
-                        cached[b] = (out, args, kwargs)
-        with timer.phase("score"):
-            head_s, neuron_s = criteria.scores(config.criterion, layer, spec, geom, stats, generator)
-            kept_kv = criteria.keep_top(criteria.group_scores(head_s, geom), keep_kv_n)
-            kept_heads = (kept_kv[:, None] * geom.group_size + torch.arange(geom.group_size)).reshape(-1)
-            kept_neurons = criteria.keep_top(neuron_s, keep_neurons_n)
-        with timer.phase("slice"):
-            if compensate:
-                q_cols = (kept_heads[:, None] * geom.head_dim + torch.arange(geom.head_dim)).reshape(-1)
-                slicing.compensate_bias(spec.get(layer, spec.o), _complement(q_cols, geom.num_heads * geom.head_dim),
-                                        stats.o_moments.mean)
-                slicing.compensate_bias(spec.get(layer, spec.down), _complement(kept_neurons, geom.intermediate),
-                                        stats.down_moments.mean)
-            slicing.slice_attention(layer, spec, geom, kept_heads, kept_kv)
-            slicing.slice_mlp(layer, spec, geom, kept_neurons)
-            layer.to(host)
+        try:
+            stats = None
+            if config.needs_calibration:
+                with timer.phase("calibrate"):
+                    layer.to(device)
+                    with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments) as stats:
+                        for b, (hidden, args, kwargs) in enumerate(cached):
+                            token_mask.set(masks[b])
+                            cached[b] = (_layer_output(layer(hidden, *args, **kwargs)), args, kwargs)
+            with timer.phase("score"):
+                head_s, neuron_s = criteria.scores(config.criterion, layer, spec, geom, stats, generator)
+                kept_kv = criteria.keep_top(criteria.group_scores(head_s, geom), keep_kv_n)
+                kept_heads = slicing.head_rows(kept_kv, geom.group_size)  # query heads of the kept groups
+                kept_neurons = criteria.keep_top(neuron_s, keep_neurons_n)
+            with timer.phase("slice"):
+                if compensate:
+                    q_cols = slicing.head_rows(kept_heads, geom.head_dim)
+                    slicing.compensate_bias(spec.get(layer, spec.o),
+                                            _complement(q_cols, geom.num_heads * geom.head_dim), stats.o_moments.mean)
+                    slicing.compensate_bias(spec.get(layer, spec.down), _complement(kept_neurons, geom.intermediate),
+                                            stats.down_moments.mean)
+                slicing.slice_attention(layer, spec, geom, kept_heads, kept_kv)
+                slicing.slice_mlp(layer, spec, geom, kept_neurons)
+        finally:
+            layer.to(host)  # never leave a layer on the device, errors included
         kept.append({"layer": index, "kept_heads": kept_heads.tolist(), "kept_kv_heads": kept_kv.tolist(),
                      "kept_neurons": kept_neurons.tolist(),
-                     "head_scores": [float(f"{float(s):.7g}") for s in head_s],
-                     })
-    assert keep_heads_n == len(kept[0]["kept_heads"])
+                     "head_scores": [float(f"{float(s):.7g}") for s in head_s]})
     slicing.update_config(model.config, keep_heads_n, keep_kv_n, keep_neurons_n, geom.head_dim)
     return {"plan": the_plan, "layers": kept, "notes": notes, "calibration_tokens": n_tokens, "geometry_before": geom,
             "geometry_after": Geometry.from_config(model.config)}

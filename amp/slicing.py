@@ -21,15 +21,16 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
         linear.in_features = weight.shape[1]
 
 
-def _head_rows(heads: torch.Tensor, head_dim: int, offset: int = 0) -> torch.Tensor:
-    """Row indices of whole heads in a [head0 rows; head1 rows; ...] projection, shifted by `offset`."""
-    return (offset + heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row indices of whole heads in a [head0 rows; head1 rows; ...] projection (also: the query heads of
+    whole KV groups, with head_dim = group size)."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
 def slice_attention(layer: nn.Module, spec: ArchSpec, geom: Geometry,
                     kept_heads: torch.Tensor, kept_kv: torch.Tensor) -> None:
     d = geom.head_dim
-    q_rows, kv_rows = _head_rows(kept_heads, d), _head_rows(kept_kv, d)
+    q_rows, kv_rows = head_rows(kept_heads, d), head_rows(kept_kv, d)
     if spec.qkv:
         q_width, kv_width = geom.num_heads * d, geom.num_kv_heads * d
         rows = torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows])
