@@ -4,8 +4,9 @@ from .arch import SUPPORTED
 from .config import CRITERIA, PruneConfig
 from .data import Calibration, load_calibration
 from .errors import AmpError
+from .evaluation import evaluate
 from .models import load_model
 
 __all__ = ["prune_", "prune_checkpoint", "load_pruned", "PruneConfig", "CRITERIA", "SUPPORTED",
-           "Calibration", "load_calibration", "AmpError", "load_model"]
+           "Calibration", "load_calibration", "AmpError", "load_model", "evaluate"]
 __version__ = "0.1.0"

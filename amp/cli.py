@@ -58,7 +58,7 @@ def _eval_parser(sub):
 def cmd_eval(args) -> int:
     from .checkpoint import write_json_atomic
     from .eval_report import markdown
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():

@@ -32,7 +32,7 @@ def main():
     args = p.parse_args()
     import amp
     from amp.data import default_data_dir
-    from amp.evaluate import corpus_text, evaluate_model
+    from amp.evaluation import corpus_text, evaluate_model
     data_dir = args.data_dir or default_data_dir()
     dense, tokenizer, _ = amp.load_model(None)
     calib = amp.load_calibration(tokenizer, args.calib, args.nsamples, 512, args.seed, data_dir)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from amp.cli import main
-from amp.evaluate import evaluate, perplexity
-from test_cli import assert_clean_failure, run_cli
+import amp
+from amp.evaluation import perplexity
+from test_cli import _not_causal, assert_clean_failure, run_cli
 from tiny_models import make_tiny, tiny_tokenizer
 
 ROWS = {
@@ -108,7 +109,7 @@ def test_limit_and_default_task_discovery(eval_data, tiny_folder, tmp_path):
     (tmp_path / "tasks").mkdir()
     for task in ("piqa", "arc_easy"):
         (tmp_path / "tasks" / f"{task}.jsonl").write_text((eval_data / "tasks" / f"{task}.jsonl").read_text())
-    result = evaluate(tiny_folder, ppl=[], data_dir=tmp_path, limit=1, batch_size=2, progress=False)
+    result = amp.evaluate(tiny_folder, ppl=[], data_dir=tmp_path, limit=1, batch_size=2, progress=False)
     assert set(result["tasks"]) == {"piqa", "arc_easy"} and all(s["n"] == 1 for s in result["tasks"].values())
     assert set(result["skipped_tasks"]) == {"boolq", "hellaswag", "winogrande", "arc_challenge", "openbookqa"}
     assert result["averages"]["seven_task"]["value"] is None
@@ -122,7 +123,7 @@ def _broken(eval_data, tmp_path, task, text):
 
 
 @pytest.mark.parametrize("case", ["unknown_task", "missing_file", "bad_json", "missing_field", "missing_model",
-                                  "not_causal", "unknown_corpus"])
+                                  "no_config", "not_causal", "unknown_corpus"])
 def test_eval_bad_input(case, eval_data, tiny_folder, tmp_path, capsys):
     args = {
         "unknown_task": ([tiny_folder, "--tasks", "piqa,nonsense", "--data-dir", eval_data], "nonsense"),
@@ -134,7 +135,8 @@ def test_eval_bad_input(case, eval_data, tiny_folder, tmp_path, capsys):
                            _broken(eval_data, tmp_path, "openbookqa", '{"id": "1", "question_stem": "q"}\n')],
                           "openbookqa.jsonl:1"),
         "missing_model": ([tmp_path / "nowhere", "--data-dir", eval_data], "missing"),
-        "not_causal": ([eval_data, "--data-dir", eval_data], "no config.json"),
+        "no_config": ([eval_data, "--data-dir", eval_data], "no config.json"),
+        "not_causal": ([_not_causal(tmp_path), "--data-dir", eval_data], "not a causal LM"),
         "unknown_corpus": ([tiny_folder, "--ppl", "ptb", "--data-dir", eval_data], "ptb"),
     }
     argv, expected = args[case]

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amp.api import prune_checkpoint
 from amp.config import PruneConfig
-from amp.evaluate import perplexity, tokenize_text
+from amp.evaluation import perplexity, tokenize_text
 
 SEQLEN, WINDOWS = 256, 12
 
