@@ -102,6 +102,9 @@ def cmd_prune(args) -> int:
         print(f"calibration: {cal['source']}, {cal['samples']} samples, {cal['tokens']:,} tokens")
     phases = ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["phases"].items())
     print(f"time: {phases}; written to {args.out}")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"what it kept: amp eval {args.out} --baseline <dense model folder>")
     return 0
 
 

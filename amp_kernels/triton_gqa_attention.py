@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
+from .dispatch import dot_precision, interpreting
 
 
 @triton.jit
@@ -25,7 +25,7 @@ def _gqa_attention_kernel(
     Hq, T, S, scale,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -53,7 +53,7 @@ def _gqa_attention_kernel(
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)              # (BLOCK_D, BLOCK_N)
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, k) * scale                                                     # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, k, input_precision=PRECISION) * scale                                                     # (BLOCK_M, BLOCK_N)
         valid = n_mask[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= q_pos[:, None])
@@ -67,7 +67,7 @@ def _gqa_attention_kernel(
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)              # (BLOCK_N, BLOCK_D)
         if UPCAST:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_offs = ((b * Hq + h) * T + offs_m[:, None]) * D + offs_d[None, :]
@@ -91,5 +91,6 @@ def gqa_attention_triton(q, k, v, head_map, causal: bool = True, scale: float | 
         v.stride(0), v.stride(1), v.stride(2),
         D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=64 if s >= 64 else 16,
         CAUSAL=causal, UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        PRECISION=dot_precision(q.dtype),
     )
     return out

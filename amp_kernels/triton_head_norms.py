@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
+from .dispatch import dot_precision, interpreting
 
 
 @triton.jit
@@ -22,6 +22,7 @@ def _head_norms_kernel(
     D: tl.constexpr, P: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: bf16 tl.dot is wrong there, so tiles go to fp32 first
+    PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 inputs)
 ):
     pid_t = tl.program_id(0)
     head = tl.program_id(1)
@@ -44,7 +45,7 @@ def _head_norms_kernel(
             if UPCAST:
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
-            acc = tl.dot(x, w, acc)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
         if P == 1:
             total += tl.sum(tl.abs(acc), axis=1)
         else:
@@ -80,6 +81,6 @@ def head_norms_triton(x: torch.Tensor, w_o: torch.Tensor, num_heads: int, p: int
     _head_norms_kernel[grid](
         x, w_o, result, tokens, hidden, x.stride(0), w_o.stride(0),
         D=d, P=p, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_K=_block_k(d),
-        UPCAST=interpreting() and x.dtype == torch.bfloat16,
+        UPCAST=interpreting() and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
     )
     return result

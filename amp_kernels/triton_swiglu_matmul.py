@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
+from .dispatch import dot_precision, interpreting
 
 
 @triton.jit
@@ -19,7 +19,7 @@ def _swiglu_matmul_kernel(
     a_ptr,      # (N, I) output, contiguous
     stats_ptr,  # (I,) fp32 sum of |a| (only when STATS)
     N, I, K, stride_xn, stride_w,
-    STATS: tl.constexpr, UPCAST: tl.constexpr,
+    STATS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -37,8 +37,8 @@ def _swiglu_matmul_kernel(
             x = x.to(tl.float32)
             wg = wg.to(tl.float32)
             wu = wu.to(tl.float32)
-        gate = tl.dot(x, wg, gate)
-        up = tl.dot(x, wu, up)
+        gate = tl.dot(x, wg, gate, input_precision=PRECISION)
+        up = tl.dot(x, wu, up, input_precision=PRECISION)
     a = gate * tl.sigmoid(gate) * up
     mask = (offs_n[:, None] < N) & (offs_i[None, :] < I)
     tl.store(a_ptr + offs_n[:, None] * I + offs_i[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
@@ -58,6 +58,6 @@ def swiglu_matmul_triton(x, w_gate, w_up, neuron_stats=None):
     grid = (triton.cdiv(n, block_n), triton.cdiv(i, 64))
     _swiglu_matmul_kernel[grid](x, w_gate, w_up, out, neuron_stats if neuron_stats is not None else out,
                                 n, i, k, x.stride(0), w_gate.stride(0), STATS=neuron_stats is not None,
-                                UPCAST=interpreting() and x.dtype == torch.bfloat16,
+                                UPCAST=interpreting() and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
                                 BLOCK_N=block_n, BLOCK_I=64, BLOCK_K=32)
     return out
