@@ -104,7 +104,7 @@ def cmd_prune(args) -> int:
     print(f"time: {phases}; written to {args.out}")
     for note in report["notes"]:
         print(f"note: {note}")
-    print(f"what it kept: amp eval {args.out} --baseline <dense model folder>")
+    print(f"measure what it kept: amp eval {args.out} --baseline {report['model_path']}")
     return 0
 
 
