@@ -95,7 +95,9 @@ def resolve_model(name: str | None) -> Path:
         if not (path / "config.json").is_file():
             raise AmpError(f"{path} has no config.json: not a Hugging Face model folder")
         return path
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if path.is_file():
+        raise AmpError(f"model {name} is a file but not a .gguf: give a model folder or a .gguf file")
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise AmpError(f"model {name} not found: give a model folder, a .gguf file, or a Hub id in the local cache")
     try:
         from huggingface_hub import snapshot_download
@@ -111,9 +113,9 @@ def load_model(name: str | None = None, dtype: str = "float32"):
     torch_dtype = DTYPES[dtype]
     path = Path(name).expanduser() if name else None
     if path is not None and path.is_file() and path.suffix == ".gguf":
-        spec_model, tokenizer = _load_gguf(path, torch_dtype)
-        spec_for_class(type(spec_model).__name__)
-        return spec_model, tokenizer, path
+        model, tokenizer = _load_gguf(path, torch_dtype)
+        spec_for_class(type(model).__name__)
+        return model, tokenizer, path
     folder = resolve_model(name)
     spec_for_class(_architecture(folder))
     try:
