@@ -156,7 +156,7 @@ def main():
     p.add_argument("--tokens", default="2048,8192,16384" if CUDA else "1024,2048,4096")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--dtype", default="bfloat16" if CUDA else "float32")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3 if CUDA else 5)
     p.add_argument("--ops", default="head_norms,swiglu,swiglu_matmul,attention" if CUDA else "head_norms,swiglu,attention")
     p.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS), help="results folder")
     args = p.parse_args()
@@ -183,7 +183,10 @@ def main():
 
 
 def _summary(rows):
-    lines = []
+    lines = [] if CUDA else [
+        "CPU: the engine's CPU path is the twins, so these compare twin and naive path, not Triton kernels. Peak "
+        "extra memory is the growth of the resident set (VmHWM), which misses memory the allocator reuses: figures "
+        "under ~100 MB are unreliable. Times are medians on a shared 2-core machine; compare within a row only."]
     key = lambda r: (r["op"], r["model"], r["tokens"])
     groups = {}
     for r in rows:
