@@ -22,8 +22,8 @@ class ArchSpec:
     gate_up: str | None = None
     down: str = "mlp.down_proj"
     mlp: str = "mlp"
-    act: str = "silu"                        # MLP activation, for the fused scoring path
-    gated: bool = True                       # SwiGLU (act(gate) * up) vs plain act(fc1)
+    gated: bool = True                       # SwiGLU (silu(gate) * up) vs plain gelu(fc1); the activation
+                                             # itself is read from config.hidden_act
     # How a bias on the output / down projection survives a save (FLAP's compensation needs one):
     # "native" (the family always has it), "config" (config flags attention_bias / mlp_bias turn biases on for
     # every projection of the block), "none" (the modelling code hard-codes bias=False).
