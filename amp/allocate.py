@@ -57,15 +57,9 @@ class Plan:
     total_params: int
     attn_units_removed: int     # KV groups (or single heads under MHA) removed per layer
     neurons_removed: int        # per layer
-    heads_removed: int          # query heads removed per layer
-    kv_heads_removed: int
     params_removed_per_layer: int
     num_layers: int
     ideal_attn_units_removed: int   # before any adjustment for loadability or MLP capacity
-
-    @property
-    def planned_ratio(self) -> float:
-        return self.params_removed_per_layer * self.num_layers / self.total_params
 
 
 def total_params(model: torch.nn.Module) -> int:
@@ -116,7 +110,6 @@ def plan(model: torch.nn.Module, layers, spec: ArchSpec, geom: Geometry, ratio: 
         if n_units and not config_accepts(model.config, kept_kv * geom.group_size, kept_kv, geom.head_dim):
             continue
         return Plan(target_ratio=ratio, total_params=total, attn_units_removed=n_units, neurons_removed=neurons,
-                    heads_removed=n_units * geom.group_size, kv_heads_removed=n_units,
                     params_removed_per_layer=n_units * attn_unit + neurons * units.neuron,
                     num_layers=len(layers), ideal_attn_units_removed=ideal)
     raise AmpError(f"ratio {ratio} would empty the MLP of every layer (the attention cannot give enough "

@@ -10,7 +10,7 @@ before each batch.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -64,12 +64,10 @@ class LayerStats:
 
 @dataclass
 class TokenMask:
-    """The valid-token mask (B, T) of the batch being run; None means every token counts."""
-    mask: torch.Tensor | None = None
-    flat: torch.Tensor | None = field(default=None, repr=False)
+    """The valid-token mask of the batch being run, flattened to (B*T,); None means every token counts."""
+    flat: torch.Tensor | None = None
 
     def set(self, mask: torch.Tensor | None):
-        self.mask = mask
         self.flat = None if mask is None else mask.reshape(-1)
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,28 +120,29 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
         stats.o_moments = ChannelMoments.zeros(geom.num_heads * geom.head_dim, device)
         stats.down_moments = ChannelMoments.zeros(geom.intermediate, device)
 
+    fused = hidden_act in _FUSED_ACTS[spec.gated]
+
     def on_o_input(_module, args):
         x = token_mask.select(args[0])
         stats.tokens += x.shape[0]
         amp_kernels.head_norms(x, o_proj.weight, geom.num_heads, p=1, out=stats.head_l1)
+        if moments:
+            stats.o_moments.add(x)
 
     def on_down_input(_module, args):
-        stats.neuron_abs += token_mask.select(args[0]).float().abs().sum(dim=0)
+        # The fused MLP forward already feeds the down projection valid rows only (and counted |a| itself).
+        rows = args[0].reshape(-1, args[0].shape[-1]) if fused else token_mask.select(args[0])
+        if not fused:
+            stats.neuron_abs += rows.float().abs().sum(dim=0)
+        if moments:
+            stats.down_moments.add(rows)
 
-    fused = hidden_act in _FUSED_ACTS[spec.gated]
     handles = [o_proj.register_forward_pre_hook(on_o_input)]
-    if moments:
-        handles.append(o_proj.register_forward_pre_hook(
-            lambda _m, args: stats.o_moments.add(token_mask.select(args[0]))))
-        # The fused MLP forward feeds the down projection valid rows only; the hook path feeds every row.
-        handles.append(down.register_forward_pre_hook(
-            lambda _m, args: stats.down_moments.add(args[0].reshape(-1, args[0].shape[-1]) if fused
-                                                    else token_mask.select(args[0]))))
+    if moments or not fused:
+        handles.append(down.register_forward_pre_hook(on_down_input))
     try:
         if fused:
             mlp.forward = _fused_mlp_forward(_mlp_inputs(layer, spec), down, spec, stats, token_mask)
-        else:
-            handles.append(down.register_forward_pre_hook(on_down_input))
         yield stats
     finally:
         for h in handles:

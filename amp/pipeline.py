@@ -130,8 +130,8 @@ def prune_model(model, config: PruneConfig, calibration: list[torch.Tensor] | No
         notes.append("flap: biases enabled (attention_bias, mlp_bias) to hold the compensation; q/k/v and "
                      "gate/up biases are zero")
 
-    keep_heads_n = geom.num_heads - the_plan.heads_removed
-    keep_kv_n = geom.num_kv_heads - the_plan.kv_heads_removed
+    keep_kv_n = geom.num_kv_heads - the_plan.attn_units_removed
+    keep_heads_n = keep_kv_n * geom.group_size
     keep_neurons_n = geom.intermediate - the_plan.neurons_removed
     generator = torch.Generator().manual_seed(config.seed)
     token_mask = TokenMask()
