@@ -1,6 +1,7 @@
 """The Python API: prune a model in place, or a whole checkpoint from folder to folder."""
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
@@ -8,10 +9,12 @@ from pathlib import Path
 import torch
 
 from . import allocate, checkpoint, data, models
-from .config import PruneConfig
+from .config import TORCH_DTYPES, PruneConfig
 from .errors import AmpError
-from .pipeline import prune_model
+from .pipeline import prune_layers
 from .profiling import PhaseTimer
+from .safetensors_io import Checkpoint, parse_size
+from .stream import ModelSink, ModelSource, SafetensorsSource, ShardSink
 
 
 def _check_device(device: str) -> None:
@@ -20,22 +23,29 @@ def _check_device(device: str) -> None:
 
 
 def prune_(model, config: PruneConfig, calibration=None, *, progress: bool = True,
-           timer: PhaseTimer | None = None, pad_id: int | None = None) -> dict:
+           timer: PhaseTimer | None = None, pad_id: int | None = None, probe=None) -> dict:
     """Prunes `model` (a supported HF causal LM on the host) in place and returns the report.
 
     `calibration`: a `data.Calibration`, a list of 1-D token-id tensors, or None for data-free criteria.
     """
     _check_device(config.device)
-    timer = timer or PhaseTimer(config.device)
-    samples = calibration.samples if isinstance(calibration, data.Calibration) else calibration
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
-    before = allocate.total_params(model)
-    result = prune_model(model, config, samples, pad_id=pad_id, timer=timer, progress=progress)
-    after = allocate.total_params(model)
+    return _prune(ModelSource(model), ModelSink(model), config, calibration, pad_id, timer, progress, None, probe)
+
+
+def _prune(source, sink, config: PruneConfig, calibration, pad_id: int, timer, progress: bool, staging,
+           probe=None) -> dict:
+    """The one prune behind prune_ and prune_checkpoint (in memory or streamed), and its report."""
+    timer = timer or PhaseTimer(config.device)
+    samples = calibration.samples if isinstance(calibration, data.Calibration) else calibration
+    before = allocate.total_params(source.model)
+    result = prune_layers(source, sink, config, samples, pad_id=pad_id, timer=timer, progress=progress,
+                          staging=staging, probe=probe)
+    after = result["params_after"]
     plan, g0, g1 = result["plan"], result["geometry_before"], result["geometry_after"]
     return {
-        "model_class": type(model).__name__,
+        "model_class": type(source.model).__name__,
         "criterion": config.criterion,
         "ratio_target": plan.target_ratio,
         "ratio_achieved": (before - after) / before,
@@ -58,39 +68,67 @@ def prune_(model, config: PruneConfig, calibration=None, *, progress: bool = Tru
             "samples": len(samples) if samples else 0, "tokens": result["calibration_tokens"],
             "seqlen": config.seqlen, "seed": config.seed, "used": config.needs_calibration,
         },
-        "device": config.device, "dtype": config.dtype, "seed": config.seed,
+        "device": config.device, "seed": config.seed,
+        "dtype": {"stored": result["storage_dtype"], "computed": result["compute_dtype"],
+                  "why": result["compute_dtype_why"]},
+        "memory": {
+            "streamed": source.streamed,
+            "checkpoint_bytes": source.size_bytes,
+            "bytes_read": source.bytes_read,
+            "bytes_written": sink.bytes_written,
+            "offload": result["offload"],
+        },
         "phases": timer.report(),
         "layers": result["layers"],
     }
 
 
 def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwrite: bool = False,
-                     data_dir=None, progress: bool = True) -> dict:
-    """Loads MODEL, calibrates, prunes and writes the pruned folder (with amp_report.json) to `out`."""
+                     data_dir=None, progress: bool = True, probe=None) -> dict:
+    """Prunes MODEL into the folder `out` (with amp_report.json). Safetensors checkpoints stream by default:
+    one layer at a time is read, pruned and written into output shards, so neither host nor device memory has
+    to hold the model. Every input is checked before the heavy work; `out` appears only when complete."""
     _check_device(config.device)
     checkpoint.check_output(out, overwrite)
     timer = PhaseTimer(config.device)
     started = time.perf_counter()
     with timer.phase("load"):
-        model, tokenizer, source = models.load_model(model_name, config.dtype)
+        folder = models.resolve_model(model_name)
+        models.check_architecture(folder)
+        ckpt = Checkpoint(folder) if config.stream else None  # headers, index, shards: checked here
+        tokenizer = models.load_tokenizer(folder)
     calibration = None
     if config.needs_calibration:
         with timer.phase("calibration_data"):
             calibration = data.load_calibration(tokenizer, config.calib, config.nsamples, config.seqlen,
                                                 config.seed, data_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    report = prune_(model, config, calibration, progress=progress, timer=timer, pad_id=pad_id)
-    report["model"] = model_name or models.DEFAULT_MODEL
-    report["model_path"] = str(source)
-    report["versions"] = _versions()
-    with timer.phase("save"):
+    with checkpoint.staged_folder(out, overwrite) as tmp:
+        if config.stream:
+            with timer.phase("load"):
+                storage = None if config.dtype == "auto" else TORCH_DTYPES[config.dtype]
+                source = SafetensorsSource(folder, ckpt, storage)
+            sink = ShardSink(tmp, ckpt, source.storage_dtype, parse_size(config.max_shard_size))
+            try:
+                report = _prune(source, sink, config, calibration, pad_id, timer, progress, tmp, probe)
+            finally:
+                sink.close()
+        else:
+            with timer.phase("load"):
+                model, _, _ = models.load_model(str(folder), config.dtype)
+            report = _prune(ModelSource(model), ModelSink(model), config, calibration, pad_id, timer, progress, tmp,
+                            probe)
+            with timer.phase("write"):
+                model.save_pretrained(tmp, safe_serialization=True, max_shard_size=config.max_shard_size)
+                report["memory"]["bytes_written"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        with timer.phase("write"):
+            tokenizer.save_pretrained(tmp)
+        report["model"] = model_name or models.DEFAULT_MODEL
+        report["model_path"] = str(folder)
+        report["versions"] = _versions()
         report["phases"] = timer.report()
         report["wall_seconds"] = round(time.perf_counter() - started, 3)
-        checkpoint.save_pruned(model, tokenizer, report, out, overwrite)
-    # The save phase cannot time itself inside the file it writes: record it afterwards, atomically.
-    report["phases"] = timer.report()
-    report["wall_seconds"] = round(time.perf_counter() - started, 3)
-    checkpoint.rewrite_report(out, report)
+        (tmp / checkpoint.REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
 
 

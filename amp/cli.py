@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .config import CRITERIA, DEVICES, DTYPES
+from .config import CRITERIA, DEVICES, DTYPES, OFFLOADS
 from .errors import AmpError
 
 
@@ -33,7 +33,15 @@ def _prune_parser(sub):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--criterion", default="amp", choices=CRITERIA)
     p.add_argument("--device", default="cpu", choices=DEVICES)
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="dtype the weights are stored and written in (default: the checkpoint's own)")
+    p.add_argument("--compute-dtype", default="auto", choices=DTYPES,
+                   help="dtype a resident layer computes in (default: the stored one; float32 on a CPU)")
+    p.add_argument("--offload", default="auto", choices=OFFLOADS,
+                   help="where calibration activations live (default: decided from free memory)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="load the whole model into host memory instead of streaming it layer by layer")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -88,7 +96,8 @@ def cmd_prune(args) -> int:
     from .config import PruneConfig
     config = PruneConfig(ratio=args.ratio, iteration=args.iteration, criterion=args.criterion, calib=args.calib,
                          nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed,
-                         device=args.device, dtype=args.dtype)
+                         device=args.device, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                         offload=args.offload, stream=not args.no_stream, max_shard_size=args.max_shard_size)
     report = prune_checkpoint(args.model, config, args.out, overwrite=args.overwrite, data_dir=args.data_dir,
                               progress=not args.quiet)
     pl = report["per_layer"]
@@ -102,6 +111,14 @@ def cmd_prune(args) -> int:
         print(f"calibration: {cal['source']}, {cal['samples']} samples, {cal['tokens']:,} tokens")
     phases = ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["phases"].items())
     print(f"time: {phases}; written to {args.out}")
+    mem = report["memory"]
+    peak = max(v.get("peak_rss_mb", 0) for v in report["phases"].values())
+    line = (f"memory: {'streamed' if mem['streamed'] else 'in memory'}, peak host RSS {peak:,.0f} MB, "
+            f"read {mem['bytes_read'] / 2**20:,.0f} MB, wrote {mem['bytes_written'] / 2**20:,.0f} MB; "
+            f"computed in {report['dtype']['computed']}")
+    if mem["offload"]:
+        line += f"; activations on {mem['offload']['where']} ({mem['offload']['why']})"
+    print(line)
     for note in report["notes"]:
         print(f"note: {note}")
     print(f"measure what it kept: amp eval {args.out} --baseline {report['model_path']}")

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .errors import AmpError
 
 CRITERIA = ("amp", "magnitude", "random", "reversed", "wanda-sp", "flap")
 # Criteria that need per-channel input moments, and the one that folds removed channels into a bias.
 MOMENT_CRITERIA = ("wanda-sp", "flap")
 DEVICES = ("cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OFFLOADS = ("auto", "device", "host", "disk")
 # Criteria that need no calibration data.
 DATA_FREE = ("magnitude", "random")
 
@@ -25,7 +29,11 @@ class PruneConfig:
     batch_size: int = 8
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"              # weights as stored and written; auto: the checkpoint's own
+    compute_dtype: str = "auto"      # what a resident layer computes in; auto: the stored dtype (float32 on a CPU)
+    offload: str = "auto"            # where calibration activations live: auto | device | host | disk
+    stream: bool = True              # prune_checkpoint: stream a safetensors checkpoint layer by layer
+    max_shard_size: str = "5GB"      # output shards when streaming
 
     def __post_init__(self):
         if (self.ratio is None) == (self.iteration is None):
@@ -46,6 +54,12 @@ class PruneConfig:
             raise AmpError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             raise AmpError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.compute_dtype not in DTYPES:
+            raise AmpError(f"unknown compute dtype {self.compute_dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.offload not in OFFLOADS:
+            raise AmpError(f"unknown --offload {self.offload!r}; choose one of {', '.join(OFFLOADS)}")
+        from .safetensors_io import parse_size
+        parse_size(self.max_shard_size)
 
     @property
     def needs_calibration(self) -> bool:

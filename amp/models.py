@@ -55,14 +55,20 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model.eval(), tokenizer
 
 
-def default_model_dir() -> Path:
-    """The bundled SmolLM2, dequantized once and cached as a normal safetensors folder."""
-    target = cache_dir() / DEFAULT_MODEL
+def gguf_folder(path: Path, name: str | None = None) -> Path:
+    """A GGUF file dequantized once into the cache as a normal safetensors folder (then streamed like any
+    other). The cache entry is keyed by the file's name, size and modification time."""
+    import hashlib
+    stat = path.stat()
+    if name is None:
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        name = f"gguf/{path.stem}-{key}"
+    target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
-    model, tokenizer = _load_gguf(bundled_gguf(), torch.float32)
+    model, tokenizer = _load_gguf(path, torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -71,6 +77,11 @@ def default_model_dir() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def default_model_dir() -> Path:
+    """The bundled SmolLM2, dequantized once and cached as a normal safetensors folder."""
+    return gguf_folder(bundled_gguf(), DEFAULT_MODEL)
 
 
 def _architecture(folder: Path) -> str:
@@ -91,6 +102,8 @@ def resolve_model(name: str | None) -> Path:
     if name is None:
         return default_model_dir()
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_folder(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise AmpError(f"{path} has no config.json: not a Hugging Face model folder")
@@ -107,20 +120,29 @@ def resolve_model(name: str | None) -> Path:
                        "(no network is used)") from None
 
 
-def load_model(name: str | None = None, dtype: str = "float32"):
-    """(model on the CPU in eval mode, tokenizer, folder it came from)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    torch_dtype = DTYPES[dtype]
-    path = Path(name).expanduser() if name else None
-    if path is not None and path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = _load_gguf(path, torch_dtype)
-        spec_for_class(type(model).__name__)
-        return model, tokenizer, path
-    folder = resolve_model(name)
-    spec_for_class(_architecture(folder))
+def check_architecture(folder: Path) -> str:
+    """The folder's causal-LM class, refused early if no ArchSpec serves it."""
+    arch = _architecture(folder)
+    spec_for_class(arch)
+    return arch
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise AmpError(f"could not load the tokenizer of {folder}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(name: str | None = None, dtype: str = "auto"):
+    """(model on the CPU in eval mode, tokenizer, folder it came from); dtype "auto" keeps the checkpoint's."""
+    from transformers import AutoModelForCausalLM
+    folder = resolve_model(name)
+    check_architecture(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto" if dtype == "auto" else DTYPES[dtype],
+                                                     local_files_only=True)
     except (OSError, ValueError) as e:
         raise AmpError(f"could not load {folder}: {str(e).splitlines()[0]}") from None
-    return model.eval(), tokenizer, folder
+    return model.eval(), load_tokenizer(folder), folder

@@ -85,16 +85,13 @@ def compensate_bias(linear: nn.Linear, removed: torch.Tensor, channel_mean: torc
     linear.bias.data += shift.to(linear.bias.dtype)
 
 
-def enable_config_biases(model, spec: ArchSpec, layers) -> None:
+def add_zero_biases(layer: nn.Module, spec: ArchSpec) -> None:
     """For families whose config switches biases on per block (LlamaConfig.attention_bias / mlp_bias): give
-    every projection of every layer a zero bias and set the flags, so that the compensated output biases load
-    in plain transformers."""
+    every projection of the layer a zero bias, so that the compensated output biases load in plain transformers
+    once the config says attention_bias = mlp_bias = True (pipeline.target_config)."""
     paths = [p for p in (spec.q, spec.k, spec.v, spec.qkv, spec.o, spec.gate_up, *spec.mlp_in, spec.down) if p]
-    for layer in layers:
-        for path in paths:
-            linear = spec.get(layer, path)
-            if linear.bias is None:
-                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
-                                                       device=linear.weight.device), requires_grad=False)
-    model.config.attention_bias = True
-    model.config.mlp_bias = True
+    for path in paths:
+        linear = spec.get(layer, path)
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                   device=linear.weight.device), requires_grad=False)
