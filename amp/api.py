@@ -14,7 +14,7 @@ from .errors import AmpError
 from .pipeline import prune_layers
 from .profiling import PhaseTimer
 from .safetensors_io import Checkpoint, parse_size
-from .stream import ModelSink, ModelSource, SafetensorsSource, ShardSink
+from .stream import ModelSink, ModelSource, SafetensorsSource, ShardSink, resolve_compute_dtype
 
 
 def _check_device(device: str) -> None:
@@ -96,6 +96,10 @@ def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwr
         folder = models.resolve_model(model_name)
         models.check_architecture(folder)
         ckpt = Checkpoint(folder) if config.stream else None  # headers, index, shards: checked here
+        storage = None if config.dtype == "auto" else TORCH_DTYPES[config.dtype]
+        if ckpt is not None:  # a dtype nothing can compute with is refused before any heavy work
+            resolve_compute_dtype(storage or ckpt.storage_dtype(), torch.device(config.device),
+                                  TORCH_DTYPES.get(config.compute_dtype))
         tokenizer = models.load_tokenizer(folder)
     calibration = None
     if config.needs_calibration:
@@ -106,7 +110,6 @@ def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwr
     with checkpoint.staged_folder(out, overwrite) as tmp:
         if config.stream:
             with timer.phase("load"):
-                storage = None if config.dtype == "auto" else TORCH_DTYPES[config.dtype]
                 source = SafetensorsSource(folder, ckpt, storage)
             sink = ShardSink(tmp, ckpt, source.storage_dtype, parse_size(config.max_shard_size))
             try:

@@ -51,7 +51,8 @@ def _eval_parser(sub):
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model folder (lm-eval)")
     p.add_argument("model_dir")
     p.add_argument("--tasks", default=None, help="comma list (default: the seven whose data files are present)")
-    p.add_argument("--ppl", default="wikitext2,c4", help="comma list of corpora, or 'none'")
+    p.add_argument("--ppl", default=None,
+                   help="comma list of corpora, or 'none' (default: wikitext2 and c4 where their files are present)")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (papers use 2048 or 128)")
     p.add_argument("--max-windows", type=int, default=None, help="cap perplexity windows (default: all; c4 256)")
     p.add_argument("--data-dir", default=None, help="folder with text/ and tasks/ ($AMP_DATA_DIR)")
@@ -72,7 +73,7 @@ def cmd_eval(args) -> int:
         if not torch.cuda.is_available():
             raise AmpError("--device cuda was asked for, but this machine has no CUDA device")
     tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
-    ppl = [] if args.ppl in ("none", "") else args.ppl.split(",")
+    ppl = None if args.ppl is None else [] if args.ppl in ("none", "") else args.ppl.split(",")
     kwargs = dict(tasks=tasks, ppl=ppl, seqlen=args.seqlen, data_dir=args.data_dir, limit=args.limit,
                   batch_size=args.batch_size, device=args.device, max_windows=args.max_windows,
                   progress=not args.quiet)

@@ -49,6 +49,8 @@ def markdown(result: dict, baseline: dict | None = None) -> str:
         notes.append(f"zero-shot limited to the first {result['limit']} rows of each task")
     for task, why in result.get("skipped_tasks", {}).items():
         notes.append(f"{task} skipped: {why}")
+    for corpus, why in result.get("skipped_corpora", {}).items():
+        notes.append(f"perplexity on {corpus} skipped: {why}")
     notes.append("averages use acc_norm for piqa, hellaswag, arc_easy, arc_challenge, openbookqa and acc for "
                  "boolq, winogrande")
     return "\n".join(lines + [""] + notes)

@@ -78,7 +78,7 @@ def load_causal_lm(folder, dtype: torch.dtype = torch.float32, device: str = "cp
     return model.to(device).eval(), tokenizer
 
 
-def evaluate(model_dir, tasks: list[str] | None = None, ppl: list[str] | tuple = ("wikitext2", "c4"),
+def evaluate(model_dir, tasks: list[str] | None = None, ppl: list[str] | tuple | None = None,
              seqlen: int = 2048, data_dir=None, limit: int | None = None, batch_size: int = 8,
              device: str = "cpu", max_windows: int | None = None, progress: bool = True) -> dict:
     """Perplexity and zero-shot accuracy of one model folder, as the JSON that `amp eval --json` writes."""
@@ -99,10 +99,16 @@ def evaluate(model_dir, tasks: list[str] | None = None, ppl: list[str] | tuple =
         raise AmpError(f"unknown task {', '.join(unknown)}; known: {', '.join(zeroshot.SEVEN)}")
     for t in tasks:
         zeroshot.check_task_file(t, data_dir)
+    skipped_corpora = {}
+    if ppl is None:  # the default: both corpora where present, a missing one skipped and said so
+        ppl = [name for name in CORPORA if (data_dir / CORPORA[name]).is_file()]
+        skipped_corpora = {name: f"{data_dir / CORPORA[name]} not present" for name in CORPORA if name not in ppl}
     texts = {name: corpus_text(name, data_dir) for name in ppl}   # check every input before the long work
     model, tokenizer = load_causal_lm(model_dir, device=device)
-    return evaluate_model(model, tokenizer, str(model_dir), tasks, texts, seqlen, data_dir, limit, batch_size,
-                          device, max_windows, progress, skipped)
+    result = evaluate_model(model, tokenizer, str(model_dir), tasks, texts, seqlen, data_dir, limit, batch_size,
+                            device, max_windows, progress, skipped)
+    result["skipped_corpora"] = skipped_corpora
+    return result
 
 
 def evaluate_model(model, tokenizer, name: str, tasks: list[str], texts: dict[str, str], seqlen: int,

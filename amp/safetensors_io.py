@@ -124,7 +124,7 @@ class Checkpoint:
             raise AmpError(f"{self.folder} holds no floating-point weights")
         code = max(by_dtype, key=by_dtype.get)
         if code not in DTYPE_CODES:
-            raise AmpError(f"{self.folder} stores its weights as {code}, which this engine cannot compute with")
+            raise AmpError(f"{self.folder} stores its weights as {code}, which cannot be computed on any device")
         return DTYPE_CODES[code]
 
     def require(self, names) -> None:

@@ -145,3 +145,17 @@ def test_eval_bad_input(case, eval_data, tiny_folder, tmp_path, capsys):
     assert expected in err
     if case == "missing_file":
         assert "question_stem" not in err and "endings" in err  # names the expected format
+
+
+def test_missing_corpus_is_skipped_by_default_and_refused_when_asked_for(eval_data, tiny_folder, tmp_path, capsys):
+    """A data folder with tasks/ but no text/: the default perplexity corpora are skipped with a note; an
+    explicit --ppl wikitext2 still fails clearly."""
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "piqa.jsonl").write_text((eval_data / "tasks" / "piqa.jsonl").read_text())
+    code, out, _ = run_cli(capsys, "eval", tiny_folder, "--tasks", "piqa", "--data-dir", tmp_path, "--quiet")
+    assert code == 0
+    assert "perplexity on wikitext2 skipped" in out and "perplexity on c4 skipped" in out and "piqa" in out
+    code, _, err = run_cli(capsys, "eval", tiny_folder, "--tasks", "piqa", "--ppl", "wikitext2",
+                           "--data-dir", tmp_path, "--quiet")
+    assert_clean_failure(code, err, None)
+    assert "wikitext2_test.txt is missing" in err
