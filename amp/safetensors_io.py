@@ -88,7 +88,6 @@ class Checkpoint:
                 if name != "__metadata__":
                     self.tensors[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]))
         self.bytes_read = 0
-        self._handles = {}
 
     def _files(self) -> list[Path]:
         index = self.folder / INDEX_NAME
@@ -137,17 +136,15 @@ class Checkpoint:
         from safetensors import safe_open
         info = self.tensors[name]
         try:
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-            tensor = handle.get_tensor(name)
+            # A fresh handle per tensor: pages read through a memory map stay resident (and counted in RSS)
+            # while it is open, so an open handle would let the whole checkpoint accumulate in RSS.
+            with safe_open(str(info.file), framework="pt", device="cpu") as handle:
+                tensor = handle.get_tensor(name)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types; name the file
             raise AmpError(f"cannot read {name} from {info.file}: {str(e).splitlines()[0]}") from None
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
-    def close(self) -> None:
-        self._handles.clear()
 
 
 def parse_size(text: str | int) -> int:

@@ -24,9 +24,9 @@ COMPUTABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_compute_dtype(storage: torch.dtype, device: torch.device, requested: torch.dtype | None):
-    """(dtype the resident layer computes in, why). The CPU has no fast half-precision arithmetic on most
-    machines (AVX2: none), so half checkpoints compute one resident layer in float32 there; memory stays
-    bounded by that layer."""
+    """(dtype the resident layer computes in, why). A bf16 checkpoint computes in bf16 where the hardware has
+    bf16 arithmetic (CUDA; CPUs with AVX512-BF16 or AMX); a CPU without it (AVX2 only) computes one resident
+    layer in float32 instead, which is slower but bounded by that layer."""
     if storage not in COMPUTABLE:
         raise AmpError(f"the checkpoint's dtype {storage} cannot be computed on {device.type}; "
                        "supported: float32, bfloat16, float16")
@@ -36,9 +36,24 @@ def resolve_compute_dtype(storage: torch.dtype, device: torch.device, requested:
                        "float16 or float32")
     if requested is not None:
         return dtype, "asked for with --compute-dtype"
+    name = str(storage).replace("torch.", "")
     if device.type == "cpu" and storage in HALF:
-        return torch.float32, f"the checkpoint is {storage}; the CPU computes each resident layer in float32"
+        flag = cpu_bf16_flag()
+        if storage == torch.bfloat16 and flag:
+            return storage, f"the checkpoint's own dtype; this CPU has bfloat16 arithmetic ({flag})"
+        return torch.float32, f"the checkpoint is {name} and this CPU has no fast {name} arithmetic: each resident " \
+                              "layer computes in float32"
     return dtype, "the checkpoint's own dtype"
+
+
+def cpu_bf16_flag() -> str | None:
+    """The CPU feature that gives bfloat16 matrix arithmetic (amx_bf16, avx512_bf16), if this CPU has one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -67,17 +82,17 @@ class ModelSource:
             self.layers[index].to(device=self.host, dtype=self.storage_dtype)
 
     @contextmanager
-    def embeddings(self, device, dtype):
-        """Everything outside the decoder layers, on the device, for capturing the first layer's inputs
-        (rotary tables keep their own dtype: they are computed in float32)."""
+    def embeddings(self, device):
+        """Everything outside the decoder layers, on the device in its stored dtype, for capturing the first
+        layer's inputs."""
         others = [m for name, m in self.model.model.named_children() if name != "layers"]
         try:
             for m in others:
-                m.to(device=device, dtype=dtype) if _has_params(m) else m.to(device)
+                m.to(device)
             yield
         finally:
             for m in others:
-                m.to(device=self.host, dtype=self.storage_dtype) if _has_params(m) else m.to(self.host)
+                m.to(self.host)
 
 
 class SafetensorsSource:
@@ -115,6 +130,7 @@ class SafetensorsSource:
                 raise AmpError(f"{prefix + name} in {self.checkpoint.tensors[prefix + name].file.name} has shape "
                                f"{tuple(value.shape)}; the config asks for {tuple(meta.shape)}")
             set_module_tensor_to_device(module, name, device, value=value, dtype=dtype)
+            del value
 
     def load_layer(self, index: int, device, dtype) -> nn.Module:
         layer = self.layers[index]
@@ -125,12 +141,12 @@ class SafetensorsSource:
         self.layers[index].to("meta")
 
     @contextmanager
-    def embeddings(self, device, dtype):
+    def embeddings(self, device):
         others = [(name, m) for name, m in self.model.model.named_children() if name != "layers"]
         try:
             for name, m in others:
                 if _has_params(m):
-                    self._materialize(m, f"model.{name}.", device, dtype)
+                    self._materialize(m, f"model.{name}.", device, self.storage_dtype)
                 else:
                     m.to(device)
             yield
@@ -222,4 +238,3 @@ class ShardSink:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
-        self.checkpoint.close()

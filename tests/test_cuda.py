@@ -63,3 +63,28 @@ def test_fused_calibration_on_cuda_equals_hook_path():
     rep = amp.prune_(plain, amp.PruneConfig(ratio=0.3, device="cuda"), random_calibration(), progress=False)
     rep_cpu = amp.prune_(model, amp.PruneConfig(ratio=0.3, device="cpu"), random_calibration(), progress=False)
     assert [layer["kept_neurons"] for layer in rep["layers"]] == [layer["kept_neurons"] for layer in rep_cpu["layers"]]
+
+
+def test_streamed_prune_peak_device_memory_is_two_layers_plus_activations(tmp_path):
+    """A bf16 checkpoint of 8 layers streamed through the GPU: the device's peak (every phase, CUDA's own
+    counter) stays under two layers plus the calibration activations."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_tokenizer
+    config = LlamaConfig(vocab_size=258, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    model.save_pretrained(tmp_path / "dense", max_shard_size="40MB")
+    tiny_tokenizer().save_pretrained(tmp_path / "dense")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"word{i % 97} and {i % 13} more" for i in range(4000)))
+    report = amp.prune_checkpoint(str(tmp_path / "dense"), amp.PruneConfig(
+        ratio=0.3, device="cuda", calib=str(calib), nsamples=8, seqlen=256, batch_size=2),
+        tmp_path / "out", progress=False)
+    assert report["memory"]["streamed"] and report["dtype"]["computed"] == "bfloat16"
+    peak = max(p.get("peak_cuda_mb", 0) for p in report["phases"].values()) * 2**20
+    bound = 2 * layer_bytes + report["memory"]["offload"]["activation_bytes"]
+    print(f"peak device memory {peak / 2**20:.1f} MiB; bound {bound / 2**20:.1f} MiB (layer {layer_bytes / 2**20:.1f})")
+    assert layer_bytes < peak < bound

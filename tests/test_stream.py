@@ -84,12 +84,15 @@ def test_shards_and_index_load_in_vanilla_transformers(tmp_path, data_dir):
     assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
 
 
-def test_bf16_checkpoint_computes_in_float32_on_cpu_and_writes_bf16(tmp_path, data_dir):
+def test_bf16_checkpoint_computes_as_the_cpu_allows_and_writes_bf16(tmp_path, data_dir):
+    from amp.stream import cpu_bf16_flag
     src = save_checkpoint(make_tiny("qwen2_gqa").to(torch.bfloat16), tmp_path / "dense")
     streamed = amp.prune_checkpoint(str(src), amp.PruneConfig(ratio=0.3, **TEXT_CALIB), tmp_path / "stream",
                                     data_dir=data_dir, progress=False)
-    assert streamed["dtype"]["stored"] == "bfloat16" and streamed["dtype"]["computed"] == "float32"
-    assert "float32" in streamed["dtype"]["why"]
+    assert streamed["dtype"]["stored"] == "bfloat16"
+    # bf16 where this CPU has bf16 arithmetic (AVX512-BF16 / AMX), else one resident layer in float32.
+    assert streamed["dtype"]["computed"] == ("bfloat16" if cpu_bf16_flag() else "float32")
+    assert (cpu_bf16_flag() or "float32") in streamed["dtype"]["why"]
     written = load_file(tmp_path / "stream" / "model.safetensors")
     assert {t.dtype for t in written.values()} == {torch.bfloat16}
     in_memory = amp.prune_checkpoint(str(src), amp.PruneConfig(ratio=0.3, stream=False, **TEXT_CALIB),
@@ -287,3 +290,18 @@ def test_max_shard_size_parsing():
     with pytest.raises(amp.AmpError):
         amp.PruneConfig(ratio=0.2, max_shard_size="0MB")
 
+
+
+def test_compute_dtype_rules(monkeypatch):
+    from amp import stream
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(stream, "cpu_bf16_flag", lambda: None)  # an AVX2-only CPU
+    assert stream.resolve_compute_dtype(torch.bfloat16, cpu, None)[0] == torch.float32
+    assert stream.resolve_compute_dtype(torch.float16, cpu, None)[0] == torch.float32
+    assert stream.resolve_compute_dtype(torch.float32, cpu, None)[0] == torch.float32
+    assert stream.resolve_compute_dtype(torch.bfloat16, cpu, torch.bfloat16)[0] == torch.bfloat16  # asked for
+    monkeypatch.setattr(stream, "cpu_bf16_flag", lambda: "avx512_bf16")
+    dtype, why = stream.resolve_compute_dtype(torch.bfloat16, cpu, None)
+    assert dtype == torch.bfloat16 and "avx512_bf16" in why
+    with pytest.raises(amp.AmpError, match="cannot be computed on cpu"):
+        stream.resolve_compute_dtype(torch.int8, cpu, None)
