@@ -5,8 +5,9 @@ from .config import CRITERIA, PruneConfig
 from .data import Calibration, load_calibration
 from .errors import AmpError
 from .evaluation import evaluate
+from .inference import accelerate_
 from .models import load_model
 
 __all__ = ["prune_", "prune_checkpoint", "load_pruned", "PruneConfig", "CRITERIA", "SUPPORTED",
-           "Calibration", "load_calibration", "AmpError", "load_model", "evaluate"]
+           "Calibration", "load_calibration", "AmpError", "load_model", "evaluate", "accelerate_"]
 __version__ = "0.1.0"

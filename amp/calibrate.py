@@ -17,6 +17,7 @@ import torch
 import amp_kernels
 
 from .arch import ArchSpec, Geometry
+from .inference import FUSED_ACTS
 
 
 @dataclass
@@ -75,8 +76,6 @@ class TokenMask:
         return x if self.flat is None else x[self.flat.to(x.device)]
 
 
-# Activations the fused kernels compute, per MLP kind; any other activation falls back to a down-proj hook.
-_FUSED_ACTS = {True: ("silu", "swish"), False: ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")}
 
 
 def _fused_mlp_forward(mlp_in, down, spec: ArchSpec, stats: "LayerStats", token_mask: TokenMask):
@@ -120,7 +119,7 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
         stats.o_moments = ChannelMoments.zeros(geom.num_heads * geom.head_dim, device)
         stats.down_moments = ChannelMoments.zeros(geom.intermediate, device)
 
-    fused = hidden_act in _FUSED_ACTS[spec.gated]
+    fused = hidden_act in FUSED_ACTS[spec.gated]  # any other activation falls back to a down-proj hook
 
     def on_o_input(_module, args):
         x = token_mask.select(args[0])

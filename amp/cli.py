@@ -61,6 +61,7 @@ def _eval_parser(sub):
     p.add_argument("--baseline", default=None, help="a dense model folder to compare with")
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--accelerate", action="store_true", help="evaluate through the fused attention and MLP")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -76,7 +77,7 @@ def cmd_eval(args) -> int:
     ppl = None if args.ppl is None else [] if args.ppl in ("none", "") else args.ppl.split(",")
     kwargs = dict(tasks=tasks, ppl=ppl, seqlen=args.seqlen, data_dir=args.data_dir, limit=args.limit,
                   batch_size=args.batch_size, device=args.device, max_windows=args.max_windows,
-                  progress=not args.quiet)
+                  progress=not args.quiet, accelerate=args.accelerate)
     result = evaluate(args.model_dir, **kwargs)
     baseline = evaluate(args.baseline, **{**kwargs, "tasks": list(result["tasks"])}) if args.baseline else None
     if baseline:
@@ -84,6 +85,25 @@ def cmd_eval(args) -> int:
     print(markdown(result, baseline))
     if args.json:
         write_json_atomic(args.json, result)
+    return 0
+
+
+def _generate_parser(sub):
+    p = sub.add_parser("generate", help="greedy continuation of a prompt, with tokens/s")
+    p.add_argument("model_dir")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--accelerate", action="store_true", help="run the fused attention and MLP (amp.accelerate_)")
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "float64"))
+
+
+def cmd_generate(args) -> int:
+    from .generation import generate_text
+    r = generate_text(args.model_dir, args.prompt, args.max_new_tokens, args.accelerate, args.device, args.dtype)
+    print(r["text"])
+    print(f"[{r['path']}: {r['new_tokens']} new tokens in {r['seconds']:.2f} s = {r['tokens_per_s']:.1f} tokens/s; "
+          f"prefill of {r['prompt_tokens']} prompt tokens {r['prefill_s'] * 1000:.0f} ms]")
     return 0
 
 
@@ -142,9 +162,10 @@ def main(argv=None) -> int:
     _prune_parser(sub)
     _info_parser(sub)
     _eval_parser(sub)
+    _generate_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"prune": cmd_prune, "info": cmd_info, "eval": cmd_eval}[args.command](args)
+        return {"prune": cmd_prune, "info": cmd_info, "eval": cmd_eval, "generate": cmd_generate}[args.command](args)
     except AmpError as e:
         print(f"amp: error: {e}", file=sys.stderr)
         return 2

@@ -80,8 +80,10 @@ def load_causal_lm(folder, dtype: torch.dtype = torch.float32, device: str = "cp
 
 def evaluate(model_dir, tasks: list[str] | None = None, ppl: list[str] | tuple | None = None,
              seqlen: int = 2048, data_dir=None, limit: int | None = None, batch_size: int = 8,
-             device: str = "cpu", max_windows: int | None = None, progress: bool = True) -> dict:
-    """Perplexity and zero-shot accuracy of one model folder, as the JSON that `amp eval --json` writes."""
+             device: str = "cpu", max_windows: int | None = None, progress: bool = True,
+             accelerate: bool = False) -> dict:
+    """Perplexity and zero-shot accuracy of one model folder, as the JSON that `amp eval --json` writes;
+    `accelerate`: through the fused attention and MLP (amp.accelerate_)."""
     from . import zeroshot
     from .data import default_data_dir
     data_dir = Path(data_dir) if data_dir else default_data_dir()
@@ -105,9 +107,13 @@ def evaluate(model_dir, tasks: list[str] | None = None, ppl: list[str] | tuple |
         skipped_corpora = {name: f"{data_dir / CORPORA[name]} not present" for name in CORPORA if name not in ppl}
     texts = {name: corpus_text(name, data_dir) for name in ppl}   # check every input before the long work
     model, tokenizer = load_causal_lm(model_dir, device=device)
+    if accelerate:
+        from .inference import accelerate_
+        accelerate_(model)
     result = evaluate_model(model, tokenizer, str(model_dir), tasks, texts, seqlen, data_dir, limit, batch_size,
                             device, max_windows, progress, skipped)
     result["skipped_corpora"] = skipped_corpora
+    result["accelerated"] = accelerate
     return result
 
 

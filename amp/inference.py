@@ -1,0 +1,145 @@
+"""What a loaded model runs on: the compact fused attention and MLP swapped into a transformers model in place.
+
+Attention goes through transformers' own registry (`AttentionInterface` under the name "amp_gqa", with
+`sdpa_mask` registered as its mask function, so that a pure causal batch hands over no mask at all): each
+attention module may carry `amp_head_map` (query head -> KV head, uneven groups allowed); without one the map is
+the even grouping of its config. On CUDA (or under TRITON_INTERPRET=1) the Triton `gqa_attention` kernel runs;
+on a CPU, and wherever a padding or sliding-window mask must be applied, the index-based path runs instead: the
+KV heads are gathered per query head and handed to SDPA. (The pure-torch twin of the kernel materializes every
+score, 7.4x slower than SDPA at 2,048 tokens on this CPU: it stays the specification, not the CPU runtime.)
+The MLP runs through the fused activation kernels (`swiglu`, `gelu_mlp_act`); `swiglu_matmul` stays unused until
+a GPU measurement shows that it beats cuBLAS plus the activation.
+
+This module knows nothing of pruning: it reads shapes from the modules it finds.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import amp_kernels
+from amp_kernels.dispatch import use_triton
+
+from .arch import ArchSpec, spec_for
+from .errors import AmpError
+
+ATTN_NAME = "amp_gqa"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Activations the fused kernels compute, per MLP kind (calibration uses the same rule).
+FUSED_ACTS = {True: ("silu", "swish"), False: ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")}
+
+
+def head_map_of(module, num_heads: int, num_kv_heads: int, device) -> torch.Tensor:
+    """The module's own map (uneven groups), else the even one; cached per device."""
+    head_map = getattr(module, "amp_head_map", None)
+    if head_map is None:
+        head_map = torch.arange(num_heads) // (num_heads // num_kv_heads)
+    if head_map.device != device:
+        head_map = head_map.to(device)
+        module.amp_head_map = head_map
+    return head_map
+
+
+def indexed_attention(query, key, value, head_map, attention_mask=None, scaling=None, causal=True, dropout=0.0):
+    """The index-based path: every query head gets its own KV head gathered, then SDPA (any mask). Causal
+    masking aligns the last query with the last key, as the kernel and its twin do."""
+    k = key.index_select(1, head_map)
+    v = value.index_select(1, head_map)
+    t, s = query.shape[2], key.shape[2]
+    is_causal = False
+    if attention_mask is None and causal and t > 1:
+        if t == s:
+            is_causal = True
+        else:  # chunked prefill against a cache: bottom-right aligned causal mask
+            qpos = torch.arange(t, device=query.device)[:, None] + (s - t)
+            attention_mask = torch.arange(s, device=query.device)[None, :] <= qpos
+    return F.scaled_dot_product_attention(query, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                          is_causal=is_causal)
+
+
+def amp_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          is_causal=None, **kwargs):
+    """transformers' attention-function contract: q (B,H,T,d), k/v (B,KV,S,d) after the cache update;
+    returns ((B,T,H,d), None)."""
+    if kwargs.get("output_attentions"):
+        raise AmpError("the fused attention does not return attention weights; call amp.accelerate_(model, "
+                       "enable=False) first")
+    head_map = head_map_of(module, query.shape[1], key.shape[1], query.device)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and dropout == 0.0 and use_triton(query):
+        out = amp_kernels.gqa_attention(query, key, value, head_map, causal=causal, scale=scaling)
+    else:
+        out = indexed_attention(query, key, value, head_map, attention_mask, scaling, causal, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(ATTN_NAME, amp_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _fused_mlp(mlp, spec: ArchSpec):
+    """The MLP's forward through the fused activation kernel (the projections stay nn.Linear)."""
+    down = mlp.get_submodule(spec.down.split(".", 1)[1])
+    if spec.gate_up:
+        gate_up = mlp.get_submodule(spec.gate_up.split(".", 1)[1])
+
+        def forward(x):
+            gate, up = gate_up(x).chunk(2, dim=-1)
+            return down(amp_kernels.swiglu(gate.contiguous(), up.contiguous()))
+    elif spec.gated:
+        gate_proj, up_proj = (mlp.get_submodule(p.split(".", 1)[1]) for p in spec.mlp_in)
+
+        def forward(x):
+            return down(amp_kernels.swiglu(gate_proj(x), up_proj(x)))
+    else:
+        fc1 = mlp.get_submodule(spec.mlp_in[0].split(".", 1)[1])
+
+        def forward(x):
+            return down(amp_kernels.gelu_mlp_act(fc1(x)))
+    return forward
+
+
+def _check_dtype(model) -> None:
+    param = next(model.parameters())
+    name = str(param.dtype).replace("torch.", "")
+    if param.dtype not in KERNEL_DTYPES:
+        raise AmpError(f"the fused kernels do not support {name} on {param.device.type}; "
+                       "supported: float32, bfloat16, float16")
+    if param.is_cuda and param.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise AmpError(f"{torch.cuda.get_device_name(param.device)} has no bfloat16 support for the fused kernels; "
+                       "load the model in float16 or float32")
+
+
+def accelerate_(model, enable: bool = True):
+    """Swaps the compact fused attention and MLP into `model` in place (dense, uniform, or with per-layer shapes
+    and uneven head maps); `enable=False` restores the stock path exactly. Returns the model."""
+    spec = spec_for(model)  # an unsupported class is a one-line error naming the supported ones
+    layers = model.model.layers
+    if not enable:
+        stock = getattr(model, "_amp_stock_attn", None)
+        if stock is not None:
+            model.set_attn_implementation(stock)
+            del model._amp_stock_attn
+        for layer in layers:
+            mlp = layer.get_submodule(spec.mlp)
+            if "forward" in mlp.__dict__:
+                del mlp.forward  # back to the class's forward
+        return model
+    _check_dtype(model)
+    _register()
+    if getattr(model, "_amp_stock_attn", None) is None:
+        model._amp_stock_attn = model.config._attn_implementation
+        model.set_attn_implementation(ATTN_NAME)
+    fused = getattr(model.config, "hidden_act", None) in FUSED_ACTS[spec.gated]
+    if fused:
+        for layer in layers:
+            mlp = layer.get_submodule(spec.mlp)
+            mlp.forward = _fused_mlp(mlp, spec)
+    return model
+
+
+def is_accelerated(model) -> bool:
+    return getattr(model, "_amp_stock_attn", None) is not None
