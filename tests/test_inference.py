@@ -83,8 +83,10 @@ def test_kernel_path_under_the_triton_interpreter_equals_stock(monkeypatch):
     model = LlamaForCausalLM(_kernel_config()).eval()
     ids = _ids(1, 7)
     calls = []
-    real = inference.amp_kernels.gqa_attention
-    monkeypatch.setattr(inference.amp_kernels, "gqa_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("gqa_attention", "swiglu"):
+        real = getattr(inference.amp_kernels, name)
+        monkeypatch.setattr(inference.amp_kernels, name,
+                            lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     with torch.no_grad():
         want = model(ids).logits
         want_gen = model.generate(ids, max_new_tokens=3, do_sample=False)
@@ -92,7 +94,7 @@ def test_kernel_path_under_the_triton_interpreter_equals_stock(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         got = model(ids).logits
         got_gen = model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert calls, "the kernel path did not run"
+    assert {"gqa_attention", "swiglu"} <= set(calls), "the kernel path did not run"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(got_gen, want_gen)
 
