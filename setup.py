@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="amp-prune",
-    version="0.1.0",
+    version="0.2.0",
     description="AMP structured pruning (attention heads and MLP neurons) for decoder-only LLMs",
     packages=find_packages(include=["amp", "amp.*", "amp_kernels", "amp_kernels.*"]),
     package_data={"amp": ["resources/*.json"]},

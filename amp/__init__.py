@@ -6,8 +6,11 @@ from .data import Calibration, load_calibration
 from .errors import AmpError
 from .evaluation import evaluate
 from .inference import accelerate_
+from . import heterogeneous as _heterogeneous
 from .models import load_model
 
 __all__ = ["prune_", "prune_checkpoint", "load_pruned", "PruneConfig", "CRITERIA", "SUPPORTED",
            "Calibration", "load_calibration", "AmpError", "load_model", "evaluate", "accelerate_"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_heterogeneous.install()  # per-layer checkpoints build through from_pretrained once amp is imported

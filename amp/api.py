@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import allocate, checkpoint, data, models
+from . import allocate, checkpoint, data, heterogeneous, models
 from .config import TORCH_DTYPES, PruneConfig
 from .errors import AmpError
 from .pipeline import prune_layers
@@ -44,6 +44,7 @@ def _prune(source, sink, config: PruneConfig, calibration, pad_id: int, timer, p
                           staging=staging, probe=probe)
     after = result["params_after"]
     plan, g0, g1 = result["plan"], result["geometry_before"], result["geometry_after"]
+    varies = "per layer" if heterogeneous.entries(result["target_config"]) else None
     return {
         "model_class": type(source.model).__name__,
         "criterion": config.criterion,
@@ -53,14 +54,15 @@ def _prune(source, sink, config: PruneConfig, calibration, pad_id: int, timer, p
         "params_before": before,
         "params_after": after,
         "per_layer": {
-            "heads": [g0.num_heads, g1.num_heads], "kv_heads": [g0.num_kv_heads, g1.num_kv_heads],
-            "neurons": [g0.intermediate, g1.intermediate], "head_dim": g0.head_dim,
+            "heads": [g0.num_heads, varies or g1.num_heads], "kv_heads": [g0.num_kv_heads, varies or g1.num_kv_heads],
+            "neurons": [g0.intermediate, varies or g1.intermediate], "head_dim": g0.head_dim,
             "attention_unit": "kv_group" if g0.is_gqa else "head",
             "attention_units_removed": plan.attn_units_removed,
             "attention_units_removed_ideal": plan.ideal_attn_units_removed,
             "params_removed": plan.params_removed_per_layer,
         },
-        "notes": _notes(plan, g0) + result["notes"],
+        "notes": _notes(plan, g0, config) + result["notes"],
+        "allocation": result["allocation"],
         "calibration": {
             "source": calibration.name if isinstance(calibration, data.Calibration) else
             ("token tensors" if samples else None),
@@ -141,14 +143,19 @@ def load_pruned(folder, dtype: str = "float32", device: str = "cpu"):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise AmpError(f"{folder} is not a model folder")
+    from transformers import AutoConfig
+    heterogeneous.check_tensors(folder, AutoConfig.from_pretrained(folder, local_files_only=True))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=models.DTYPES[dtype], local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) \
         if (folder / "tokenizer_config.json").is_file() else None
     return model.to(device).eval(), tokenizer, checkpoint.read_report(folder)
 
 
-def _notes(plan, geom) -> list[str]:
+def _notes(plan, geom, config) -> list[str]:
     notes = []
+    if not config.single_pass:
+        return [f"per-layer allocation {config.allocation} with {config.heads} heads: every layer has its own "
+                "sizes (amp_report.json 'layers'); a checkpoint with differing layers loads after `import amp`"]
     if plan.attn_units_removed != plan.ideal_attn_units_removed:
         notes.append(f"the budget asked for {plan.ideal_attn_units_removed} attention units per layer; "
                      f"{plan.attn_units_removed} were removed so that the config stays loadable by the "

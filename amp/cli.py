@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .config import CRITERIA, DEVICES, DTYPES, OFFLOADS
+from .config import ALLOCATIONS, CRITERIA, DEVICES, DTYPES, HEADS, OFFLOADS
 from .errors import AmpError
 
 
@@ -42,6 +42,15 @@ def _prune_parser(sub):
     p.add_argument("--no-stream", action="store_true",
                    help="load the whole model into host memory instead of streaming it layer by layer")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                   help="per-layer budgets: uniform (the paper), depth (share rising with depth), sensitivity "
+                        "(measured output change, one budget solve)")
+    p.add_argument("--heads", default="auto", choices=HEADS,
+                   help="GQA models: prune whole KV groups or single query heads (auto: group when uniform)")
+    p.add_argument("--min-keep", type=float, default=0.1,
+                   help="per-layer floor: every layer keeps at least this share of its heads and of its neurons")
+    p.add_argument("--depth-range", default="0.5,1.5",
+                   help="depth allocation: first and last layer's share of the budget, times the uniform share")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -112,21 +121,38 @@ def _info_parser(sub):
     p.add_argument("folder")
 
 
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise AmpError(f"--depth-range must be two numbers such as 0.5,1.5, got {text!r}") from None
+    return lo, hi
+
+
 def cmd_prune(args) -> int:
     from .api import prune_checkpoint
     from .config import PruneConfig
     config = PruneConfig(ratio=args.ratio, iteration=args.iteration, criterion=args.criterion, calib=args.calib,
                          nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed,
                          device=args.device, dtype=args.dtype, compute_dtype=args.compute_dtype,
-                         offload=args.offload, stream=not args.no_stream, max_shard_size=args.max_shard_size)
+                         offload=args.offload, stream=not args.no_stream, max_shard_size=args.max_shard_size,
+                         allocation=args.allocation, heads=args.heads, min_keep=args.min_keep,
+                         depth_range=_pair(args.depth_range))
     report = prune_checkpoint(args.model, config, args.out, overwrite=args.overwrite, data_dir=args.data_dir,
                               progress=not args.quiet)
     pl = report["per_layer"]
     print(f"pruned {report['model']} with {report['criterion']}: "
           f"{report['params_before']:,} -> {report['params_after']:,} parameters, "
           f"ratio {report['ratio_achieved']:.2%} (asked {report['ratio_target']:.2%})")
-    print(f"per layer: heads {pl['heads'][0]} -> {pl['heads'][1]}, kv heads {pl['kv_heads'][0]} -> "
-          f"{pl['kv_heads'][1]}, neurons {pl['neurons'][0]} -> {pl['neurons'][1]}")
+    if report["allocation"]["method"] == "uniform" and report["allocation"]["heads"] == "group":
+        print(f"per layer: heads {pl['heads'][0]} -> {pl['heads'][1]}, kv heads {pl['kv_heads'][0]} -> "
+              f"{pl['kv_heads'][1]}, neurons {pl['neurons'][0]} -> {pl['neurons'][1]}")
+    else:
+        heads = [len(layer["kept_heads"]) for layer in report["layers"]]
+        neurons = [len(layer["kept_neurons"]) for layer in report["layers"]]
+        print(f"per layer ({report['allocation']['method']}, {report['allocation']['heads']} heads): query heads "
+              f"{' '.join(map(str, heads))} of {pl['heads'][0]}; neurons {min(neurons)}..{max(neurons)} of "
+              f"{pl['neurons'][0]}")
     cal = report["calibration"]
     if cal["used"]:
         print(f"calibration: {cal['source']}, {cal['samples']} samples, {cal['tokens']:,} tokens")

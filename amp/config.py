@@ -14,6 +14,8 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFLOADS = ("auto", "device", "host", "disk")
+ALLOCATIONS = ("uniform", "depth", "sensitivity")
+HEADS = ("auto", "group", "query")
 # Criteria that need no calibration data.
 DATA_FREE = ("magnitude", "random")
 
@@ -34,6 +36,10 @@ class PruneConfig:
     offload: str = "auto"            # where calibration activations live: auto | device | host | disk
     stream: bool = True              # prune_checkpoint: stream a safetensors checkpoint layer by layer
     max_shard_size: str = "5GB"      # output shards when streaming
+    allocation: str = "uniform"      # per-layer budgets: uniform | depth | sensitivity
+    heads: str = "auto"              # GQA: prune whole KV groups or single query heads (auto: group if uniform)
+    min_keep: float = 0.1            # per-layer floor: each layer keeps this share of its heads and of its neurons
+    depth_range: tuple = (0.5, 1.5)  # depth allocation: the first and last layer's share, times the uniform share
 
     def __post_init__(self):
         if (self.ratio is None) == (self.iteration is None):
@@ -60,7 +66,26 @@ class PruneConfig:
             raise AmpError(f"unknown --offload {self.offload!r}; choose one of {', '.join(OFFLOADS)}")
         from .safetensors_io import parse_size
         parse_size(self.max_shard_size)
+        if self.allocation not in ALLOCATIONS:
+            raise AmpError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.heads not in HEADS:
+            raise AmpError(f"unknown --heads {self.heads!r}; choose one of {', '.join(HEADS)}")
+        if not 0.0 <= self.min_keep < 1.0:
+            raise AmpError(f"--min-keep must lie in [0, 1), got {self.min_keep}")
+        lo, hi = self.depth_range
+        if not (0 < lo and 0 < hi):
+            raise AmpError(f"--depth-range must be two positive factors, got {self.depth_range}")
+        if self.allocation == "sensitivity" and not self.needs_calibration:
+            raise AmpError(f"the sensitivity allocation measures on calibration data; criterion "
+                           f"{self.criterion!r} uses none")
+        if self.heads == "auto":  # frozen: resolve through object.__setattr__
+            object.__setattr__(self, "heads", "group" if self.allocation == "uniform" else "query")
 
     @property
     def needs_calibration(self) -> bool:
         return self.criterion not in DATA_FREE
+
+    @property
+    def single_pass(self) -> bool:
+        """Uniform whole-group pruning knows every shape up front: observe and prune fold into one pass."""
+        return self.allocation == "uniform" and self.heads == "group"

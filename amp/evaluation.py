@@ -70,6 +70,10 @@ def load_causal_lm(folder, dtype: torch.dtype = torch.float32, device: str = "cp
     archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
     if not any(a.endswith("ForCausalLM") for a in archs):
         raise AmpError(f"{folder} is not a causal LM (architectures: {archs or 'none'})")
+    from transformers import AutoConfig
+
+    from .heterogeneous import check_tensors
+    check_tensors(folder, AutoConfig.from_pretrained(folder, local_files_only=True))
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)

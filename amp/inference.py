@@ -23,30 +23,43 @@ from amp_kernels.dispatch import use_triton
 
 from .arch import ArchSpec, spec_for
 from .errors import AmpError
+from .heterogeneous import head_map_tensor
 
-ATTN_NAME = "amp_gqa"
+ATTN_NAME = "amp_gqa"          # the fused path
+ATTN_INDEXED = "amp_indexed"   # uneven head maps on stock kernels (index + SDPA): what a per-layer model loads with
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Activations the fused kernels compute, per MLP kind (calibration uses the same rule).
 FUSED_ACTS = {True: ("silu", "swish"), False: ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")}
 
 
-def head_map_of(module, num_heads: int, num_kv_heads: int, device) -> torch.Tensor:
-    """The module's own map (uneven groups), else the even one; cached per device."""
-    head_map = getattr(module, "amp_head_map", None)
+def head_map_of(module, num_heads: int, num_kv_heads: int, device) -> tuple[torch.Tensor, int]:
+    """(the module's head map, the group size when the map is the even grouping, else 0). A per-layer checkpoint
+    gives the module its own map (uneven groups allowed); otherwise the grouping is even."""
+    head_map = head_map_tensor(module, device)
+    even = num_heads // num_kv_heads if num_heads % num_kv_heads == 0 else 0
     if head_map is None:
-        head_map = torch.arange(num_heads) // (num_heads // num_kv_heads)
-    if head_map.device != device:
-        head_map = head_map.to(device)
-        module.amp_head_map = head_map
-    return head_map
+        if not even:
+            raise AmpError(f"{num_heads} query heads on {num_kv_heads} KV heads need a head map (amp_head_map)")
+        return torch.arange(num_heads, device=device) // even, even
+    if even and list(getattr(module, "amp_head_map")) != [h // even for h in range(num_heads)]:
+        even = 0
+    return head_map, even
 
 
-def indexed_attention(query, key, value, head_map, attention_mask=None, scaling=None, causal=True, dropout=0.0):
+def indexed_attention(query, key, value, head_map, attention_mask=None, scaling=None, causal=True, dropout=0.0,
+                      group: int = 0):
     """The index-based path: every query head gets its own KV head gathered, then SDPA (any mask). Causal
-    masking aligns the last query with the last key, as the kernel and its twin do."""
+    masking aligns the last query with the last key, as the kernel and its twin do. `group`: the group size when
+    the map is the even grouping; a decode step then packs each group's queries onto its KV head instead of
+    copying the cache (as transformers' own SDPA path does)."""
+    b, h, t, d = query.shape
+    s = key.shape[2]
+    if group > 1 and t == 1 and attention_mask is None and dropout == 0.0:
+        packed = query.reshape(b, h // group, group, d)  # heads of a group are contiguous
+        out = F.scaled_dot_product_attention(packed, key, value, scale=scaling)
+        return out.reshape(b, h, 1, d)
     k = key.index_select(1, head_map)
     v = value.index_select(1, head_map)
-    t, s = query.shape[2], key.shape[2]
     is_causal = False
     if attention_mask is None and causal and t > 1:
         if t == s:
@@ -58,27 +71,39 @@ def indexed_attention(query, key, value, head_map, attention_mask=None, scaling=
                                           is_causal=is_causal)
 
 
-def amp_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          is_causal=None, **kwargs):
+def _attention(module, query, key, value, attention_mask, dropout: float, scaling, is_causal, kernels: bool,
+               **kwargs):
     """transformers' attention-function contract: q (B,H,T,d), k/v (B,KV,S,d) after the cache update;
     returns ((B,T,H,d), None)."""
     if kwargs.get("output_attentions"):
-        raise AmpError("the fused attention does not return attention weights; call amp.accelerate_(model, "
-                       "enable=False) first")
-    head_map = head_map_of(module, query.shape[1], key.shape[1], query.device)
+        raise AmpError("the amp attention does not return attention weights")
+    head_map, group = head_map_of(module, query.shape[1], key.shape[1], query.device)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if attention_mask is None and dropout == 0.0 and use_triton(query):
+    if kernels and attention_mask is None and dropout == 0.0 and use_triton(query):
         out = amp_kernels.gqa_attention(query, key, value, head_map, causal=causal, scale=scaling)
     else:
-        out = indexed_attention(query, key, value, head_map, attention_mask, scaling, causal, dropout)
+        out = indexed_attention(query, key, value, head_map, attention_mask, scaling, causal, dropout, group)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
+def amp_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          is_causal=None, **kwargs):
+    """The fused path (accelerate_): the Triton kernel where Triton runs, else the index-based path."""
+    return _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, True, **kwargs)
+
+
+def indexed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                              is_causal=None, **kwargs):
+    """The reference for uneven head maps on stock attention: index-based everywhere."""
+    return _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, False, **kwargs)
+
+
+def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register(ATTN_NAME, amp_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    for name, fn in ((ATTN_NAME, amp_attention_forward), (ATTN_INDEXED, indexed_attention_forward)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def _swiglu(gate, up):
@@ -140,7 +165,7 @@ def accelerate_(model, enable: bool = True):
                 del mlp.forward  # back to the class's forward
         return model
     _check_dtype(model)
-    _register()
+    register()
     if getattr(model, "_amp_stock_attn", None) is None:
         model._amp_stock_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_NAME)

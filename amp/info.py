@@ -23,9 +23,14 @@ def describe(folder) -> str:
     total = sum(p.numel() for p in model.parameters())
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     g = Geometry.from_config(config)
+    per_layer = getattr(config, "amp_per_layer", None)
+    shape = (f"heads {g.num_heads}, kv heads {g.num_kv_heads}, head_dim {g.head_dim}, intermediate {g.intermediate}"
+             if not per_layer else
+             f"head_dim {g.head_dim}, per layer (query heads/kv heads/neurons): " +
+             " ".join(f"{e['num_attention_heads']}/{e['num_key_value_heads']}/{e['intermediate_size']}"
+                      for e in per_layer))
     lines = [f"{folder}: {arch} ({config.model_type})",
-             f"  layers {config.num_hidden_layers}, hidden {g.hidden}, heads {g.num_heads}, kv heads "
-             f"{g.num_kv_heads}, head_dim {g.head_dim}, intermediate {g.intermediate}",
+             f"  layers {config.num_hidden_layers}, hidden {g.hidden}, {shape}",
              f"  parameters {total:,} (per decoder layer {layer:,}; decoder layers "
              f"{layer * config.num_hidden_layers / total:.1%} of the total)"]
     report = read_report(folder)

@@ -121,9 +121,12 @@ def resolve_model(name: str | None) -> Path:
 
 
 def check_architecture(folder: Path) -> str:
-    """The folder's causal-LM class, refused early if no ArchSpec serves it."""
+    """The folder's causal-LM class, refused early if no ArchSpec serves it (or if its layers differ in shape:
+    the engine prunes models whose layers share one geometry)."""
     arch = _architecture(folder)
     spec_for_class(arch)
+    if "amp_per_layer" in json.loads((folder / "config.json").read_text()):
+        raise AmpError(f"{folder} already has per-layer shapes (amp_per_layer); prune its dense original instead")
     return arch
 
 

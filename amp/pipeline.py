@@ -6,17 +6,20 @@ only on shapes, so observe and prune fold into this single pass; peak memory is 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import allocate, criteria, slicing
+from . import allocate, criteria, heterogeneous, slicing
+from . import budget as budget_module
 from .activations import ActivationStore, choose_offload
 from .arch import Geometry, spec_for
-from .calibrate import TokenMask, statistics_hooks
-from .config import MOMENT_CRITERIA, TORCH_DTYPES, PruneConfig
+from .calibrate import TokenMask
+from .config import TORCH_DTYPES, PruneConfig
 from .errors import AmpError
+from .observe import Observation, observe_layer, removal_order
 from .profiling import PhaseTimer
 from .stream import resolve_compute_dtype
 
@@ -124,10 +127,6 @@ def _complement(kept: torch.Tensor, size: int) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
-def _layer_output(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 def target_config(config, heads: int, kv_heads: int, neurons: int, head_dim: int, config_biases: bool):
     """The pruned model's config (uniform: one architecture, new sizes)."""
     target = copy.deepcopy(config)
@@ -142,111 +141,175 @@ def _layer_bytes(layer: nn.Module, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in layer.parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
+def kept_sets(obs: Observation, geom: Geometry, query: bool, attention_removed: int, neurons_removed: int):
+    """(kept query heads, kept KV heads, kept neurons, head map) after removing the lowest-scored structures."""
+    if query and geom.is_gqa:
+        gone = set(removal_order(obs.head_scores)[:attention_removed].tolist())
+        kept_heads = torch.tensor([h for h in range(geom.num_heads) if h not in gone], dtype=torch.long)
+        kept_kv = torch.unique(kept_heads // geom.group_size)
+    else:
+        gone = set(removal_order(criteria.group_scores(obs.head_scores, geom))[:attention_removed].tolist())
+        kept_kv = torch.tensor([g for g in range(geom.num_kv_heads) if g not in gone], dtype=torch.long)
+        kept_heads = slicing.head_rows(kept_kv, geom.group_size)  # query heads of the kept groups
+    gone_n = removal_order(obs.neuron_scores)[:neurons_removed]
+    kept_neurons = _complement(gone_n, geom.intermediate)
+    position = {int(g): i for i, g in enumerate(kept_kv)}
+    head_map = [position[int(h) // geom.group_size] for h in kept_heads]
+    return kept_heads, kept_kv, kept_neurons, head_map
+
+
+class _Run:
+    """Everything one prune shares between its passes (so that the passes stay short)."""
+
+    def __init__(self, source, config: PruneConfig, timer: PhaseTimer, progress: bool, probe):
+        self.source, self.config, self.timer, self.progress, self.probe = source, config, timer, progress, probe
+        self.model = source.model
+        self.spec = spec_for(self.model)
+        self.geom = Geometry.from_config(self.model.config)
+        self.device = torch.device(config.device)
+        self.dtype, self.dtype_why = resolve_compute_dtype(source.storage_dtype, self.device,
+                                                           TORCH_DTYPES.get(config.compute_dtype))
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.token_mask = TokenMask()
+        self.store, self.extras, self.masks, self.offload = None, [], [], None
+        self.compensate = config.criterion == "flap" and self.spec.output_bias != "none"
+        self.config_biases = self.compensate and self.spec.output_bias == "config"
+
+    def to_device(self, extra):
+        return extra if self.offload["where"] == "device" else _to(extra, self.device)
+
+    def capture(self, calibration, pad_id: int, staging) -> int:
+        with self.timer.phase("calibrate"):
+            batches = make_batches(calibration, self.config.batch_size, pad_id)
+            shapes = [(ids.shape[0], ids.shape[1], self.geom.hidden) for ids, _ in batches]
+            elt = torch.empty((), dtype=self.dtype).element_size()
+            act_bytes = sum(a * b * c for a, b, c in shapes) * elt
+            where, why = choose_offload(self.config.offload, act_bytes, self.device,
+                                        _layer_bytes(self.source.layers[0], self.dtype))
+            self.store = ActivationStore(shapes, self.dtype, where, self.device, staging)
+            home = self.device if where == "device" else torch.device("cpu")
+            self.extras = capture_layer_inputs(self.source, batches, self.device, self.dtype, self.store, home)
+            self.masks = [None if bool(mask.all()) else mask.bool().to(self.device) for _, mask in batches]
+            self.offload = {"where": where, "why": why, "activation_bytes": act_bytes}
+            return sum(int(m.sum()) for _, m in batches)
+
+    def layers(self, desc: str):
+        """Yields (index, resident layer); the layer always goes back (errors included)."""
+        for index in tqdm(range(len(self.source.layers)), desc=desc, unit="layer", disable=not self.progress):
+            with self.timer.phase("load"):
+                layer = self.source.load_layer(index, self.device, self.dtype)
+            try:
+                if self.config_biases:
+                    slicing.add_zero_biases(layer, self.spec)
+                if self.probe:
+                    self.probe("resident")
+                yield index, layer
+            finally:
+                self.source.release_layer(index)
+
+    def observe(self, layer, sensitivity=None) -> Observation:
+        with self.timer.phase("calibrate"):
+            return observe_layer(layer, self.spec, self.geom, self.config, self.store, self.extras, self.masks,
+                                 self.to_device, getattr(self.model.config, "hidden_act", None), self.generator,
+                                 self.token_mask, sensitivity)
+
+    def cut(self, index, layer, obs: Observation, sink, attention_removed: int, neurons_removed: int) -> dict:
+        g = self.geom
+        query = self.config.heads == "query"
+        kept_heads, kept_kv, kept_neurons, head_map = kept_sets(obs, g, query, attention_removed, neurons_removed)
+        with self.timer.phase("slice"):
+            if self.compensate:
+                q_cols = slicing.head_rows(kept_heads, g.head_dim)
+                slicing.compensate_bias(self.spec.get(layer, self.spec.o),
+                                        _complement(q_cols, g.num_heads * g.head_dim), obs.o_mean)
+                slicing.compensate_bias(self.spec.get(layer, self.spec.down),
+                                        _complement(kept_neurons, g.intermediate), obs.down_mean)
+            slicing.slice_attention(layer, self.spec, g, kept_heads, kept_kv, head_map)
+            slicing.slice_mlp(layer, self.spec, g, kept_neurons)
+        with self.timer.phase("write"):
+            sink.put(index, layer)
+        if self.probe:
+            self.probe("written")
+        return {"layer": index, "kept_heads": kept_heads.tolist(), "kept_kv_heads": kept_kv.tolist(),
+                "kept_neurons": kept_neurons.tolist(), "head_map": head_map,
+                "head_scores": [float(f"{float(s):.7g}") for s in obs.head_scores]}
+
+
 @torch.no_grad()
 def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tensor] | None = None,
                  pad_id: int = 0, timer: PhaseTimer | None = None, progress: bool = True, staging=None,
                  probe=None) -> dict:
     """Prunes every layer of `source` into `sink`; returns the keep sets, the plan and how it ran (the report's
-    core). `staging`: a folder for disk-offloaded activations; `probe(event)`: called while a layer is
-    resident (tests use it to bound memory)."""
-    timer = timer or PhaseTimer(config.device)
-    model = source.model
-    spec = spec_for(model)
-    geom = Geometry.from_config(model.config)
+    core). Uniform allocation of whole KV groups is one pass (every shape is known up front); any other
+    allocation or single query heads observe every layer first, decide, then prune in a second pass.
+    `staging`: a folder for disk-offloaded activations; `probe(event)`: called while a layer is resident."""
+    run = _Run(source, config, timer or PhaseTimer(config.device), progress, probe)
+    model, geom, spec = run.model, run.geom, run.spec
     layers = source.layers
-    device = torch.device(config.device)
-    compute_dtype, dtype_why = resolve_compute_dtype(source.storage_dtype, device,
-                                                     TORCH_DTYPES.get(config.compute_dtype))
     ratio = config.ratio if config.ratio is not None else allocate.ratio_for_iteration(model, layers, config.iteration)
     the_plan = allocate.plan(model, layers, spec, geom, ratio)
     if config.needs_calibration and not calibration:
         raise AmpError(f"criterion {config.criterion!r} needs calibration data")
-
     notes = []
-    compensate = config.criterion == "flap" and spec.output_bias != "none"
-    if config.criterion == "flap" and not compensate:
+    if config.criterion == "flap" and not run.compensate:
         notes.append(f"flap: {type(model).__name__} cannot load an output-projection bias in plain transformers, "
                      "so the bias compensation was skipped (fluctuation metric only)")
-    config_biases = compensate and spec.output_bias == "config"
-    if config_biases:
+    if run.config_biases:
         notes.append("flap: biases enabled (attention_bias, mlp_bias) to hold the compensation; q/k/v and "
                      "gate/up biases are zero")
-
-    keep_kv_n = geom.num_kv_heads - the_plan.attn_units_removed
-    keep_heads_n = keep_kv_n * geom.group_size
-    keep_neurons_n = geom.intermediate - the_plan.neurons_removed
-    target = target_config(model.config, keep_heads_n, keep_kv_n, keep_neurons_n, geom.head_dim, config_biases)
-    with timer.phase("write"):
-        sink.begin(target)
-
-    store, extras, masks, n_tokens, offload = None, [], [], 0, None
-    if config.needs_calibration:
-        with timer.phase("calibrate"):
-            batches = make_batches(calibration, config.batch_size, pad_id)
-            shapes = [(ids.shape[0], ids.shape[1], geom.hidden) for ids, _ in batches]
-            elt = torch.empty((), dtype=compute_dtype).element_size()
-            act_bytes = sum(a * b * c for a, b, c in shapes) * elt
-            where, why = choose_offload(config.offload, act_bytes, device, _layer_bytes(layers[0], compute_dtype))
-            store = ActivationStore(shapes, compute_dtype, where, device, staging)
-            kwargs_home = device if where == "device" else torch.device("cpu")
-            extras = capture_layer_inputs(source, batches, device, compute_dtype, store, kwargs_home)
-            masks = [None if bool(mask.all()) else mask.bool().to(device) for _, mask in batches]
-            n_tokens = sum(int(m.sum()) for _, m in batches)
-            offload = {"where": where, "why": why, "activation_bytes": act_bytes}
-
-    moments = config.criterion in MOMENT_CRITERIA
-    generator = torch.Generator().manual_seed(config.seed)
-    token_mask = TokenMask()
-    hidden_act = getattr(model.config, "hidden_act", None)
-    kept = []
+    n_tokens = run.capture(calibration, pad_id, staging) if config.needs_calibration else 0
+    kept, allocation = [], {"method": "uniform", "heads": "group"}
     try:
-        for index in tqdm(range(len(layers)), desc=f"pruning ({config.criterion})", unit="layer",
-                          disable=not progress):
-            with timer.phase("load"):
-                layer = source.load_layer(index, device, compute_dtype)
-            try:
-                if config_biases:
-                    slicing.add_zero_biases(layer, spec)
-                if probe:
-                    probe("resident")
-                stats = None
-                if config.needs_calibration:
-                    with timer.phase("calibrate"):
-                        with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments) as stats:
-                            for b in range(len(store)):
-                                token_mask.set(masks[b])
-                                args, kwargs = extras[b] if offload["where"] == "device" else _to(extras[b], device)
-                                store.put(b, _layer_output(layer(store.get(b), *args, **kwargs)))
-                with timer.phase("score"):
-                    head_s, neuron_s = criteria.scores(config.criterion, layer, spec, geom, stats, generator)
-                    kept_kv = criteria.keep_top(criteria.group_scores(head_s, geom), keep_kv_n)
-                    kept_heads = slicing.head_rows(kept_kv, geom.group_size)  # query heads of the kept groups
-                    kept_neurons = criteria.keep_top(neuron_s, keep_neurons_n)
-                with timer.phase("slice"):
-                    if compensate:
-                        q_cols = slicing.head_rows(kept_heads, geom.head_dim)
-                        slicing.compensate_bias(spec.get(layer, spec.o),
-                                                _complement(q_cols, geom.num_heads * geom.head_dim),
-                                                stats.o_moments.mean)
-                        slicing.compensate_bias(spec.get(layer, spec.down),
-                                                _complement(kept_neurons, geom.intermediate), stats.down_moments.mean)
-                    slicing.slice_attention(layer, spec, geom, kept_heads, kept_kv)
-                    slicing.slice_mlp(layer, spec, geom, kept_neurons)
-                with timer.phase("write"):
-                    sink.put(index, layer)
-                if probe:
-                    probe("written")
-            finally:
-                source.release_layer(index)  # never leave a layer on the device, errors included
-            kept.append({"layer": index, "kept_heads": kept_heads.tolist(), "kept_kv_heads": kept_kv.tolist(),
-                         "kept_neurons": kept_neurons.tolist(),
-                         "head_scores": [float(f"{float(s):.7g}") for s in head_s]})
+        if config.single_pass:
+            keep_kv = geom.num_kv_heads - the_plan.attn_units_removed
+            target = target_config(model.config, keep_kv * geom.group_size, keep_kv,
+                                   geom.intermediate - the_plan.neurons_removed, geom.head_dim, run.config_biases)
+            with run.timer.phase("write"):
+                sink.begin(target)
+            for index, layer in run.layers(f"pruning ({config.criterion})"):
+                obs = run.observe(layer)
+                kept.append(run.cut(index, layer, obs, sink, the_plan.attn_units_removed, the_plan.neurons_removed))
+        else:
+            target, kept, allocation = _two_passes(run, sink, the_plan)
     finally:
-        if store is not None:
-            store.close()
-    with timer.phase("write"):
+        if run.store is not None:
+            run.store.close()
+    with run.timer.phase("write"):
         params_after = sink.finish(target)
     return {"plan": the_plan, "layers": kept, "notes": notes, "calibration_tokens": n_tokens,
             "geometry_before": geom, "geometry_after": Geometry.from_config(target), "params_after": params_after,
-            "offload": offload, "compute_dtype": str(compute_dtype).replace("torch.", ""), "compute_dtype_why": dtype_why,
-            "storage_dtype": str(source.storage_dtype).replace("torch.", "")}
+            "offload": run.offload, "compute_dtype": str(run.dtype).replace("torch.", ""),
+            "compute_dtype_why": run.dtype_why, "storage_dtype": str(source.storage_dtype).replace("torch.", ""),
+            "allocation": allocation, "target_config": target}
+
+
+def _two_passes(run: _Run, sink, the_plan):
+    """Observe every layer (scores, and output-change curves for the sensitivity allocation), allocate the
+    budget over layers, then read each layer again and cut it."""
+    config, geom = run.config, run.geom
+    query = config.heads == "query"
+    units = allocate.unit_params(run.source.layers[0], run.spec, geom)
+    sensitivity = None
+    if config.allocation == "sensitivity":
+        floor = lambda n: n - max(1, math.ceil(config.min_keep * n - 1e-9))  # noqa: E731
+        sensitivity = {"unit": "query" if query and geom.is_gqa else "group",
+                       "attention_max": floor(geom.num_heads if query and geom.is_gqa else geom.num_kv_heads),
+                       "mlp_max": floor(geom.intermediate)}
+    observations = [run.observe(layer, sensitivity) for _, layer in run.layers("observing")]
+    budget = the_plan.params_removed_per_layer * len(observations) if config.allocation == "uniform" and not query \
+        else round(the_plan.target_ratio * the_plan.total_params)
+    removed, inputs = budget_module.allocate(observations, units, geom, config.allocation, query, config.min_keep,
+                                            budget, config.depth_range)
+    shapes = []
+    for obs, (a, n) in zip(observations, removed):
+        heads, kv, _, head_map = kept_sets(obs, geom, query, a, n)
+        shapes.append({"num_attention_heads": len(heads), "num_key_value_heads": len(kv),
+                       "intermediate_size": geom.intermediate - n, "head_map": head_map})
+    target = target_config(run.model.config, geom.num_heads, geom.num_kv_heads, geom.intermediate, geom.head_dim,
+                           run.config_biases)
+    target = heterogeneous.per_layer_config(target, shapes)
+    with run.timer.phase("write"):
+        sink.begin(target)
+    kept = [run.cut(index, layer, observations[index], sink, *removed[index])
+            for index, layer in run.layers(f"pruning ({config.criterion}, {config.allocation})")]
+    return target, kept, {**inputs, "heads": config.heads}

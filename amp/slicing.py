@@ -28,7 +28,7 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def slice_attention(layer: nn.Module, spec: ArchSpec, geom: Geometry,
-                    kept_heads: torch.Tensor, kept_kv: torch.Tensor) -> None:
+                    kept_heads: torch.Tensor, kept_kv: torch.Tensor, head_map: list[int] | None = None) -> None:
     d = geom.head_dim
     q_rows, kv_rows = head_rows(kept_heads, d), head_rows(kept_kv, d)
     if spec.qkv:
@@ -44,6 +44,9 @@ def slice_attention(layer: nn.Module, spec: ArchSpec, geom: Geometry,
     attn = spec.get(layer, spec.attn)
     n_heads, n_kv = len(kept_heads), len(kept_kv)
     attn.num_key_value_groups = n_heads // n_kv
+    if head_map is not None and (n_heads % n_kv or head_map != [h // (n_heads // n_kv) for h in range(n_heads)]):
+        attn.amp_head_map = list(head_map)  # uneven groups: the attention applies the map by index
+        attn.__dict__.pop("_amp_head_map_cache", None)
     for name, value in (("num_heads", n_heads), ("num_key_value_heads", n_kv)):
         if hasattr(attn, name):
             setattr(attn, name, value)

@@ -183,10 +183,12 @@ class ModelSink:
         pass
 
     def finish(self, target_config) -> int:
-        for key, value in target_config.to_diff_dict().items():
-            if key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim",
-                       "attention_bias", "mlp_bias"):
-                setattr(self.model.config, key, value)
+        from . import heterogeneous
+        for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim",
+                    "attention_bias", "mlp_bias", heterogeneous.KEY):
+            if hasattr(target_config, key):
+                setattr(self.model.config, key, getattr(target_config, key))
+        heterogeneous.adopt(self.model)
         return sum(p.numel() for p in self.model.parameters())
 
 

@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# The one GPU check: CUDA tests, then the kernel benchmarks; everything lands under $OUT (or benchmarks/results).
+# The one GPU check: CUDA tests, then the kernel, streaming and inference benchmarks.
 # Run from the repository root on a machine with a GPU and torch, triton, transformers installed:
 #     PYTHONPATH=. bash benchmarks/gpu_check.sh
-# Sized to finish in under 9 minutes on one H200.
+# Results go to benchmarks/results; when $OUT is set (the device tool's output folder, which returns at most
+# 8 files) everything is packed into $OUT/gpu_results.tar.gz, with the logs beside it.
+# Sized to finish in under 10 minutes on one H200 (every step has its own timeout; 580 s in all).
 set -uo pipefail
-OUT="${OUT:-benchmarks/results}"
-mkdir -p "$OUT"
+if [ -n "${OUT:-}" ]; then RES=$(mktemp -d); else RES=benchmarks/results; fi
+LOGS="${OUT:-$RES}"
+mkdir -p "$RES" "$LOGS"
 export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-} 2>&1 | tee "$OUT/gpu_env.txt"
-timeout 240 python -m pytest -q -p no:cacheprovider -o addopts="" tests/test_kernels.py tests/test_cuda.py \
-  2>&1 | tee "$OUT/gpu_tests.log"
+} 2>&1 | tee "$LOGS/gpu_env.txt"
+timeout 200 python -m pytest -q -s -p no:cacheprovider -o addopts="" tests/test_kernels.py tests/test_cuda.py \
+  tests/test_inference.py 2>&1 | tee "$LOGS/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
-timeout 240 python -m benchmarks.bench_kernels --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log"
-bench_rc=${PIPESTATUS[0]}
+timeout 140 python -m benchmarks.bench_kernels --out "$RES" 2>&1 | tee "$LOGS/gpu_bench.log"
+kernels_rc=${PIPESTATUS[0]}
 # Streaming on the GPU: 4 layers of LLaMA-2-7B shapes (2.2 GB bf16), peak device memory per phase.
 python -c "print(' '.join(f'word{i % 101} and {i % 17} more.' for i in range(60000)))" > /tmp/amp_calib.txt
-timeout 150 python -m benchmarks.bench_stream --layers 4 --device cuda --calib /tmp/amp_calib.txt \
-  --cache /tmp/amp_bench_ckpt --out "$OUT" 2>&1 | tee -a "$OUT/gpu_bench.log"
+timeout 120 python -m benchmarks.bench_stream --layers 4 --device cuda --calib /tmp/amp_calib.txt \
+  --cache /tmp/amp_bench_ckpt --out "$RES" 2>&1 | tee -a "$LOGS/gpu_bench.log"
 stream_rc=${PIPESTATUS[0]}
-bench_rc=$(( bench_rc || stream_rc ))
-echo "tests rc=$tests_rc bench rc=$bench_rc" | tee -a "$OUT/gpu_env.txt"
-exit $(( tests_rc || bench_rc ))
+# Inference: single LLaMA-2-7B / LLaMA-3-8B layers at 0/20/30 %, stock vs accelerate_, and the kernels alone.
+timeout 120 python -m benchmarks.bench_infer --device cuda --quick --out "$RES" 2>&1 | tee -a "$LOGS/gpu_bench.log"
+infer_rc=${PIPESTATUS[0]}
+if [ -n "${OUT:-}" ]; then tar -czf "$OUT/gpu_results.tar.gz" -C "$RES" .; fi
+echo "tests rc=$tests_rc kernels rc=$kernels_rc stream rc=$stream_rc infer rc=$infer_rc" | tee -a "$LOGS/gpu_env.txt"
+exit $(( tests_rc || kernels_rc || stream_rc || infer_rc ))

@@ -36,7 +36,7 @@ def test_prune_and_info_on_a_tiny_folder(tiny_llama_dir, tmp_path, capsys, data_
     report = json.loads((out / "amp_report.json").read_text())
     assert report["calibration"] == {"source": "wikitext2", "samples": 4, "tokens": 128, "seqlen": 32, "seed": 0,
                                      "used": True, "file": str(data_dir / "text" / "wikitext2_test.txt")}
-    assert set(report["phases"]) >= {"load", "calibrate", "score", "slice", "write"}
+    assert set(report["phases"]) >= {"load", "calibrate", "slice", "write"}
     assert all(p["seconds"] >= 0 and p["peak_rss_mb"] > 0 for p in report["phases"].values())
     assert "ratio" in stdout and "->" in stdout
     code, stdout, _ = run_cli(capsys, "info", out)

@@ -88,3 +88,23 @@ def test_streamed_prune_peak_device_memory_is_two_layers_plus_activations(tmp_pa
     bound = 2 * layer_bytes + report["memory"]["offload"]["activation_bytes"]
     print(f"peak device memory {peak / 2**20:.1f} MiB; bound {bound / 2**20:.1f} MiB (layer {layer_bytes / 2**20:.1f})")
     assert layer_bytes < peak < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama_gqa", "phi_mha", "phi3_gqa"])
+def test_accelerated_model_on_cuda_equals_stock(family, dtype):
+    """amp.accelerate_ on the GPU (the Triton attention and activation kernels) against stock transformers."""
+    model = make_tiny(family)
+    amp.prune_(model, amp.PruneConfig(ratio=0.35), random_calibration(), progress=False)
+    model = model.to("cuda", dtype)
+    ids = torch.randint(2, 258, (2, 21), device="cuda")
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        want_gen = model.generate(ids, max_new_tokens=8, do_sample=False)
+        amp.accelerate_(model)
+        got = model(ids).logits.float()
+        got_gen = model.generate(ids, max_new_tokens=8, do_sample=False)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got, want, **tol)
+    if dtype == torch.float32:
+        assert torch.equal(got_gen, want_gen)

@@ -69,6 +69,16 @@ def test_undo_restores_bit_identical_stock_logits():
     assert all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)
 
 
+def _kernel_device(monkeypatch) -> str:
+    """Where the Triton kernels run: the GPU if there is one, else the interpreter on the CPU."""
+    if not inference.amp_kernels.TRITON_AVAILABLE:
+        pytest.fail("triton is not installed")
+    if torch.cuda.is_available():
+        return "cuda"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
 def _kernel_config(**kw):
     base = dict(vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, eos_token_id=1)
@@ -77,8 +87,6 @@ def _kernel_config(**kw):
 
 def test_kernel_path_under_the_triton_interpreter_equals_stock(monkeypatch):
     """The Triton kernels themselves (gqa_attention, swiglu) inside the model, prefill and decode."""
-    if not amp.inference.amp_kernels.TRITON_AVAILABLE:
-        pytest.fail("triton is not installed")
     torch.manual_seed(0)
     model = LlamaForCausalLM(_kernel_config()).eval()
     ids = _ids(1, 7)
@@ -91,9 +99,10 @@ def test_kernel_path_under_the_triton_interpreter_equals_stock(monkeypatch):
         want = model(ids).logits
         want_gen = model.generate(ids, max_new_tokens=3, do_sample=False)
         amp.accelerate_(model)
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        got = model(ids).logits
-        got_gen = model.generate(ids, max_new_tokens=3, do_sample=False)
+        device = _kernel_device(monkeypatch)
+        model.to(device)
+        got = model(ids.to(device)).logits.cpu()
+        got_gen = model.generate(ids.to(device), max_new_tokens=3, do_sample=False).cpu()
     assert {"gqa_attention", "swiglu"} <= set(calls), "the kernel path did not run"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert torch.equal(got_gen, want_gen)
@@ -110,7 +119,7 @@ def _explicit_attention(layer, x, head_map, positions):
     v = attn.v_proj(x).view(1, t, -1, d).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, *positions)
     outs = []
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
     for h, g in enumerate(head_map):
         scores = (q[0, h] @ k[0, g].T) / math.sqrt(d)
         scores = scores.masked_fill(~causal, float("-inf"))
@@ -129,10 +138,10 @@ def test_uneven_head_map_equals_explicit_per_head_attention(kernel, monkeypatch)
     attn.o_proj = torch.nn.Linear(5 * d, hidden, bias=False)
     attn.amp_head_map = torch.tensor([0, 0, 0, 1, 1])
     amp.accelerate_(model)
-    if kernel:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x = torch.randn(1, 9, hidden)
-    pos = torch.arange(9)[None]
+    device = _kernel_device(monkeypatch) if kernel else "cpu"
+    model.to(device)
+    x = torch.randn(1, 9, hidden, device=device)
+    pos = torch.arange(9, device=device)[None]
     positions = model.model.rotary_emb(x, pos)
     with torch.no_grad():
         got = attn(x, attention_mask=None, position_embeddings=positions)[0]
@@ -148,6 +157,10 @@ def test_indexed_attention_equals_the_twin_on_uneven_maps():
     for causal in (True, False):
         torch.testing.assert_close(inference.indexed_attention(q, k, v, head_map, causal=causal),
                                    reference.gqa_attention(q, k, v, head_map, causal=causal), rtol=1e-5, atol=1e-5)
+    # A decode step on an even map packs each group's queries onto its KV head instead of copying the cache.
+    q1, even = torch.randn(2, 6, 1, 16, generator=g), torch.arange(6) // 2
+    torch.testing.assert_close(inference.indexed_attention(q1, k, v, even, group=2),
+                               reference.gqa_attention(q1, k, v, even), rtol=1e-5, atol=1e-5)
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
