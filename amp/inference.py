@@ -58,8 +58,11 @@ def indexed_attention(query, key, value, head_map, attention_mask=None, scaling=
         packed = query.reshape(b, h // group, group, d)  # heads of a group are contiguous
         out = F.scaled_dot_product_attention(packed, key, value, scale=scaling)
         return out.reshape(b, h, 1, d)
-    k = key.index_select(1, head_map)
-    v = value.index_select(1, head_map)
+    if group == 1:  # one query head per KV head, in order: nothing to gather
+        k, v = key, value
+    else:
+        k = key.index_select(1, head_map)
+        v = value.index_select(1, head_map)
     is_causal = False
     if attention_mask is None and causal and t > 1:
         if t == s:

@@ -1,7 +1,6 @@
 """`amp info`: structure and parameter counts of a model folder, and its pruning report if it has one."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .arch import Geometry, spec_for_class

@@ -1,6 +1,7 @@
 """What pruning buys at inference: stock transformers vs amp.accelerate_, dense vs pruned, in one run.
 
-- SmolLM2-135M (the bundled model, fp32): dense and uniformly pruned at 20 % and 30 % (pruned here with AMP on 32
+- SmolLM2-135M (the bundled model, fp32): dense, uniformly pruned at 20 % and 30 %, and at 20 % with per-layer
+  budgets (depth, single query heads) and with single query heads alone (uneven groups) (pruned here with AMP on 32
   Alpaca prompts: speed does not depend on which structures went). Prefill tokens/s over 512 and 2,048 tokens
   (batch 1) and decode tokens/s at batch 1 and 16 (a 16-token prompt, 128 new tokens, greedy, KV cache), each
   through the stock path and the fused path; and where the prefill time goes (attention, MLP, the rest), measured
@@ -41,10 +42,12 @@ def smollm2_models(device):
     dense, tokenizer, _ = amp.load_model(None, "float32")
     calib = amp.load_calibration(tokenizer, "alpaca", nsamples=32)
     models = {"smollm2-dense": dense}
-    for ratio in (0.2, 0.3):
+    for name, ratio, extra in (("amp20", 0.2, {}), ("amp30", 0.3, {}),
+                               ("amp20-depth-query", 0.2, dict(allocation="depth", heads="query")),
+                               ("amp20-uniform-query", 0.2, dict(allocation="uniform", heads="query"))):
         model, _, _ = amp.load_model(None, "float32")
-        amp.prune_(model, amp.PruneConfig(ratio=ratio), calib, progress=False)
-        models[f"smollm2-amp{int(ratio * 100)}"] = model
+        amp.prune_(model, amp.PruneConfig(ratio=ratio, **extra), calib, progress=False)
+        models[f"smollm2-{name}"] = model
     return {k: m.to(device).eval() for k, m in models.items()}
 
 
@@ -177,6 +180,12 @@ def kernel_rows(device):
     return rows
 
 
+def _dense_name(name: str) -> str:
+    if name.startswith("smollm2-"):
+        return "smollm2-dense"
+    return name.rsplit("-", 1)[0] + "-0%"
+
+
 def plot(rows, path: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -203,12 +212,15 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="32 decode steps, no SmolLM2 (for a short GPU slot)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--only", choices=("smollm2", "layers"), default=None, help="one of the two model groups")
     args = p.parse_args()
     device = args.device
     measure = _timer(device, args.repeats)
     layer_dtype = torch.bfloat16 if device == "cuda" or cpu_bf16_flag() else torch.float32
-    groups = {} if args.quick else {k: (m, False, None) for k, m in smollm2_models(device).items()}
-    groups.update({k: (m, True, kept) for k, (m, kept) in layer_models(device, layer_dtype).items()})
+    groups = {} if args.quick or args.only == "layers" else \
+        {k: (m, False, None) for k, m in smollm2_models(device).items()}
+    if args.only != "smollm2":
+        groups.update({k: (m, True, kept) for k, (m, kept) in layer_models(device, layer_dtype).items()})
     rows, shares = [], []
     for name, (model, hidden_input, kept) in groups.items():
         for load, (fn, tokens) in workloads(model, device, hidden_input, args.quick).items():
@@ -226,8 +238,7 @@ def main():
             shares.append({"model": name, **{k: round(v, 3) for k, v in share.items()}})
     for row in rows:  # speed relative to the dense model of the same family, same path
         base = next(r for r in rows if r["workload"] == row["workload"] and
-                    r["model"] == row["model"].replace("-amp20", "-dense").replace("-amp30", "-dense")
-                    .replace("-20%", "-0%").replace("-30%", "-0%"))
+                    r["model"] == _dense_name(row["model"]))
         row["stock_over_dense"] = row["stock_tok_s"] / base["stock_tok_s"]
         row["fused_over_dense"] = row["fused_tok_s"] / base["fused_tok_s"]
     summary = [f"Device {device}; SmolLM2 in float32, single layers in {str(layer_dtype)[6:]}; medians of "

@@ -1,7 +1,11 @@
-"""How much does the pruned model keep? SmolLM2-135M pruned at 10, 20 and 30 % with every criterion on one
-calibration set, evaluated on WikiText-2 perplexity and the five shipped zero-shot tasks (lm-eval, --limit rows
-each), side by side with the dense model. Writes benchmarks/results/quality.{md,csv,json,png}.
+"""How much does the pruned model keep? SmolLM2-135M pruned at 10, 20 and 30 % on one calibration set, evaluated
+on WikiText-2 perplexity and the five shipped zero-shot tasks (lm-eval, the first --limit rows of each, the same
+rows for every model), side by side with the dense model.
+- by criterion (uniform allocation): writes benchmarks/results/quality.{md,csv,json,png};
+- with --modes ALLOCATION/HEADS,... (AMP scores): per-layer allocation and head granularity side by side, writes
+  benchmarks/results/quality_allocation.{md,csv,json,png}.
     python -m benchmarks.quality [--ratios 0.1,0.2,0.3] [--limit 100] [--ppl-windows 40]
+    python -m benchmarks.quality --modes uniform/group,uniform/query,depth/query,sensitivity/query --limit 500
 """
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ import copy
 import json
 import time
 
-import torch
 
 from benchmarks.harness import RESULTS, machine, record
 
@@ -21,6 +24,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratios", default="0.1,0.2,0.3")
     p.add_argument("--criteria", default="amp,wanda-sp,flap,magnitude,random,reversed")
+    p.add_argument("--modes", default=None, help="allocation/heads pairs, e.g. uniform/group,depth/query")
+    p.add_argument("--tasks", default=",".join(TASKS), help="zero-shot tasks, or 'none' for perplexity only")
+    p.add_argument("--name", default=None, help="results file name (default: quality or quality_allocation)")
     p.add_argument("--calib", default="alpaca")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window")
@@ -34,38 +40,55 @@ def main():
     from amp.data import default_data_dir
     from amp.evaluation import corpus_text, evaluate_model
     data_dir = args.data_dir or default_data_dir()
+    tasks = [] if args.tasks == "none" else args.tasks.split(",")
     dense, tokenizer, _ = amp.load_model(None)
     calib = amp.load_calibration(tokenizer, args.calib, args.nsamples, 512, args.seed, data_dir)
     texts = {"wikitext2": corpus_text("wikitext2", data_dir)}
 
     def score(model, name):
         start = time.perf_counter()
-        r = evaluate_model(model, tokenizer, name, TASKS, texts, args.seqlen, data_dir, args.limit, 8, "cpu",
+        r = evaluate_model(model, tokenizer, name, tasks, texts, args.seqlen, data_dir, args.limit, 8, "cpu",
                            args.ppl_windows, progress=False)
-        print(f"{name}: ppl {r['perplexity'][f'wikitext2@{args.seqlen}']:.2f}, "
-              f"avg {r['averages']['evaluated']['value']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        avg = r["averages"].get("evaluated", {}).get("value")
+        print(f"{name}: ppl {r['perplexity'][f'wikitext2@{args.seqlen}']:.2f}, avg {avg} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
         return r
 
     results = {"dense": score(dense, "dense")}
     rows = [_row("dense", 0.0, 0.0, results["dense"], args.seqlen)]
+    # (label, PruneConfig fields): criteria under uniform allocation, or allocation modes under AMP
+    variants = ([(m, dict(allocation=m.split("/")[0], heads=m.split("/")[1])) for m in args.modes.split(",")]
+                if args.modes else [(c, dict(criterion=c)) for c in args.criteria.split(",")])
     for ratio in map(float, args.ratios.split(",")):
-        for criterion in args.criteria.split(","):
+        for label, fields in variants:
             model = copy.deepcopy(dense)
-            report = amp.prune_(model, amp.PruneConfig(ratio=ratio, criterion=criterion, seed=args.seed),
-                                calib if criterion not in ("magnitude", "random") else None, progress=False)
-            r = score(model, f"{criterion}@{ratio}")
+            data_free = fields.get("criterion") in ("magnitude", "random")
+            start = time.perf_counter()
+            report = amp.prune_(model, amp.PruneConfig(ratio=ratio, seed=args.seed, **fields),
+                                None if data_free else calib, progress=False)
+            prune_s = time.perf_counter() - start
+            r = score(model, f"{label}@{ratio}")
             r["prune_notes"] = report["notes"]
-            results[f"{criterion}@{ratio}"] = r
-            rows.append(_row(criterion, ratio, report["ratio_achieved"], r, args.seqlen))
+            r["prune_seconds"] = round(prune_s, 1)
+            r["kept_per_layer"] = [[len(l["kept_heads"]), len(l["kept_kv_heads"]), len(l["kept_neurons"])]
+                                   for l in report["layers"]]
+            results[f"{label}@{ratio}"] = r
+            rows.append(_row(label, ratio, report["ratio_achieved"], r, args.seqlen))
             del model
-    summary = _ranking(rows) + [
+    name = args.name or ("quality_allocation" if args.modes else "quality")
+    summary = _ranking(rows, "uniform/group" if args.modes else "amp") + [
         f"Calibration: {calib.name}, {len(calib.samples)} samples, {calib.num_tokens} tokens, seed {args.seed}. "
         f"Perplexity: WikiText-2 test, first {args.ppl_windows} windows of {args.seqlen} tokens. Zero-shot: lm-eval, "
-        f"first {args.limit} rows of each of {', '.join(TASKS)}; 'avg' is their mean (acc_norm for piqa and the "
-        "ARC sets, acc for boolq and winogrande). Uniform allocation for every criterion."]
-    record("quality", rows, summary, results_dir=_path(args.out))
-    (_path(args.out) / "quality.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
-    _plot(rows, _path(args.out) / "quality.png", args)
+        f"first {args.limit} rows of each of {', '.join(TASKS)}, the same rows for every model; 'avg' is their "
+        "mean (acc_norm for piqa and the ARC sets, acc for boolq and winogrande). " +
+        ("AMP scores; the label is allocation/heads." if args.modes else "Uniform allocation for every criterion."),
+        f"Noise: one task's accuracy on {args.limit} rows has a standard error of up to "
+        f"{100 * (0.25 / args.limit) ** 0.5:.1f} points, the five-task average up to "
+        f"{100 * (0.25 / args.limit / len(TASKS)) ** 0.5:.1f}; differences of average below about "
+        f"{2 * 100 * (0.25 / args.limit / len(TASKS)) ** 0.5:.1f} points are within noise."]
+    record(name, rows, summary, results_dir=_path(args.out))
+    (_path(args.out) / f"{name}.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+    _plot(rows, _path(args.out) / f"{name}.png", args)
     print("\n".join(summary))
 
 
@@ -78,24 +101,26 @@ def _row(criterion, ratio, achieved, r, seqlen):
     row = {"criterion": criterion, "ratio": ratio, "achieved": round(achieved, 4),
            "wikitext2_ppl": r["perplexity"][f"wikitext2@{seqlen}"]}
     for t in TASKS:
-        row[t] = r["tasks"][t][r["metric"][t]]
-    row["avg"] = r["averages"]["evaluated"]["value"]
+        row[t] = r["tasks"][t][r["metric"][t]] if t in r["tasks"] else ""
+    row["avg"] = r["averages"].get("evaluated", {}).get("value", float("nan"))
     return row
 
 
-def _ranking(rows):
+def _ranking(rows, reference: str):
     lines = []
     for ratio in sorted({r["ratio"] for r in rows if r["ratio"]}):
         at = [r for r in rows if r["ratio"] == ratio]
         by_ppl = sorted(at, key=lambda r: r["wikitext2_ppl"])
-        by_acc = sorted(at, key=lambda r: -r["avg"])
-        has_amp = any(r["criterion"] == "amp" for r in at)
-        amp_ppl = [r["criterion"] for r in by_ppl].index("amp") + 1 if has_amp else None
-        amp_acc = [r["criterion"] for r in by_acc].index("amp") + 1 if has_amp else None
+        by_acc = sorted(at, key=lambda r: -r["avg"] if r["avg"] == r["avg"] else 0)
+        names = [r["criterion"] for r in at]
         ppl_rank = " < ".join(f"{r['criterion']} ({r['wikitext2_ppl']:.1f})" for r in by_ppl)
         acc_rank = " > ".join(f"{r['criterion']} ({100 * r['avg']:.1f})" for r in by_acc)
-        lines.append(f"At {ratio:.0%}: perplexity ranking {ppl_rank}; accuracy ranking {acc_rank}. "
-                     f"AMP is #{amp_ppl} by perplexity and #{amp_acc} by average accuracy of {len(at)}.")
+        line = f"At {ratio:.0%}: perplexity ranking {ppl_rank}" + \
+            (f"; accuracy ranking {acc_rank}." if all(r["avg"] == r["avg"] for r in at) else " (perplexity only).")
+        if reference in names:
+            line += (f" {reference} is #{[r['criterion'] for r in by_ppl].index(reference) + 1} by perplexity and "
+                     f"#{[r['criterion'] for r in by_acc].index(reference) + 1} by average accuracy of {len(at)}.")
+        lines.append(line)
     return lines
 
 
@@ -116,7 +141,8 @@ def _plot(rows, path, args):
     ax2.set(xlabel="parameters removed (%)", ylabel="WikiText-2 perplexity (log)", yscale="log",
             title=f"{args.ppl_windows} windows x {args.seqlen} tokens")
     ax1.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct, uniform structured pruning")
+    fig.suptitle("SmolLM2-135M-Instruct, structured pruning" + (" (AMP, allocation/heads)" if args.modes else
+                                                                 ", uniform allocation"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

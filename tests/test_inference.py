@@ -1,6 +1,5 @@
 """amp.accelerate_: the fused attention and MLP swapped into loaded models equal the stock path (prefill, decode,
 greedy generate, padded batches), uneven head maps equal an explicit per-head computation, undo is exact."""
-import copy
 import math
 
 import pytest
@@ -161,6 +160,10 @@ def test_indexed_attention_equals_the_twin_on_uneven_maps():
     q1, even = torch.randn(2, 6, 1, 16, generator=g), torch.arange(6) // 2
     torch.testing.assert_close(inference.indexed_attention(q1, k, v, even, group=2),
                                reference.gqa_attention(q1, k, v, even), rtol=1e-5, atol=1e-5)
+    # Plain multi-head attention (the identity map) gathers nothing.
+    identity = torch.arange(3)
+    torch.testing.assert_close(inference.indexed_attention(q[:, :3], k, v, identity, group=1),
+                               reference.gqa_attention(q[:, :3], k, v, identity), rtol=1e-5, atol=1e-5)
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
