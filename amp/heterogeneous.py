@@ -36,8 +36,10 @@ class LayerConfig:
         self.__dict__["_own"] = {**{k: entry[k] for k in FIELDS}, "amp_head_map": list(entry["head_map"])}
 
     def __getattr__(self, name):
-        own = self.__dict__["_own"]
-        return own[name] if name in own else getattr(self.__dict__["_base"], name)
+        own, base = self.__dict__.get("_own"), self.__dict__.get("_base")
+        if own is None or base is None:  # mid-copy (copy / pickle build the object before its state)
+            raise AttributeError(name)
+        return own[name] if name in own else getattr(base, name)
 
     def __setattr__(self, name, value):
         self.__dict__["_own"][name] = value

@@ -51,6 +51,9 @@ def test_query_heads_leave_uneven_groups_and_kv_heads_go_with_their_last_query_h
     sizes = [sorted(layer["head_map"].count(g) for g in set(layer["head_map"])) for layer in report["layers"]]
     assert any(len(set(s)) > 1 for s in sizes), f"expected uneven groups, got {sizes}"
     assert model.config._attn_implementation == "amp_indexed"
+    twin = copy.deepcopy(model)  # per-layer config views survive a copy
+    with torch.no_grad():
+        torch.testing.assert_close(twin(_ids()).logits, model(_ids()).logits)
 
 
 def test_depth_allocation_removes_more_from_later_layers():
