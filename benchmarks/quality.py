@@ -78,14 +78,16 @@ def main():
     name = args.name or ("quality_allocation" if args.modes else "quality")
     summary = _ranking(rows, "uniform/group" if args.modes else "amp") + [
         f"Calibration: {calib.name}, {len(calib.samples)} samples, {calib.num_tokens} tokens, seed {args.seed}. "
-        f"Perplexity: WikiText-2 test, first {args.ppl_windows} windows of {args.seqlen} tokens. Zero-shot: lm-eval, "
-        f"first {args.limit} rows of each of {', '.join(TASKS)}, the same rows for every model; 'avg' is their "
-        "mean (acc_norm for piqa and the ARC sets, acc for boolq and winogrande). " +
-        ("AMP scores; the label is allocation/heads." if args.modes else "Uniform allocation for every criterion."),
-        f"Noise: one task's accuracy on {args.limit} rows has a standard error of up to "
-        f"{100 * (0.25 / args.limit) ** 0.5:.1f} points, the five-task average up to "
-        f"{100 * (0.25 / args.limit / len(TASKS)) ** 0.5:.1f}; differences of average below about "
-        f"{2 * 100 * (0.25 / args.limit / len(TASKS)) ** 0.5:.1f} points are within noise."]
+        f"Perplexity: WikiText-2 test, first {args.ppl_windows} windows of {args.seqlen} tokens. " +
+        (f"Zero-shot: lm-eval, first {args.limit} rows of each of {', '.join(tasks)}, the same rows for every "
+         "model; 'avg' is their mean (acc_norm for piqa and the ARC sets, acc for boolq and winogrande). "
+         if tasks else "No zero-shot tasks (--tasks none): perplexity only. ") +
+        ("AMP scores; the label is allocation/heads." if args.modes else "Uniform allocation for every criterion.")]
+    if tasks:
+        summary.append(f"Noise: one task's accuracy on {args.limit} rows has a standard error of up to "
+                       f"{100 * (0.25 / args.limit) ** 0.5:.1f} points, the {len(tasks)}-task average up to "
+                       f"{100 * (0.25 / args.limit / len(tasks)) ** 0.5:.1f}; differences of average below about "
+                       f"{2 * 100 * (0.25 / args.limit / len(tasks)) ** 0.5:.1f} points are within noise.")
     record(name, rows, summary, results_dir=_path(args.out))
     (_path(args.out) / f"{name}.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
     _plot(rows, _path(args.out) / f"{name}.png", args)
@@ -118,8 +120,9 @@ def _ranking(rows, reference: str):
         line = f"At {ratio:.0%}: perplexity ranking {ppl_rank}" + \
             (f"; accuracy ranking {acc_rank}." if all(r["avg"] == r["avg"] for r in at) else " (perplexity only).")
         if reference in names:
-            line += (f" {reference} is #{[r['criterion'] for r in by_ppl].index(reference) + 1} by perplexity and "
-                     f"#{[r['criterion'] for r in by_acc].index(reference) + 1} by average accuracy of {len(at)}.")
+            line += f" {reference} is #{[r['criterion'] for r in by_ppl].index(reference) + 1} by perplexity"
+            line += (f" and #{[r['criterion'] for r in by_acc].index(reference) + 1} by average accuracy"
+                     if all(r["avg"] == r["avg"] for r in at) else "") + f" of {len(at)}."
         lines.append(line)
     return lines
 
