@@ -27,6 +27,7 @@ def main():
     p.add_argument("--modes", default=None, help="allocation/heads pairs, e.g. uniform/group,depth/query")
     p.add_argument("--tasks", default=",".join(TASKS), help="zero-shot tasks, or 'none' for perplexity only")
     p.add_argument("--name", default=None, help="results file name (default: quality or quality_allocation)")
+    p.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model (known from a run)")
     p.add_argument("--calib", default="alpaca")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window")
@@ -54,8 +55,8 @@ def main():
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         return r
 
-    results = {"dense": score(dense, "dense")}
-    rows = [_row("dense", 0.0, 0.0, results["dense"], args.seqlen)]
+    results = {} if args.skip_dense else {"dense": score(dense, "dense")}
+    rows = [] if args.skip_dense else [_row("dense", 0.0, 0.0, results["dense"], args.seqlen)]
     # (label, PruneConfig fields): criteria under uniform allocation, or allocation modes under AMP
     variants = ([(m, dict(allocation=m.split("/")[0], heads=m.split("/")[1])) for m in args.modes.split(",")]
                 if args.modes else [(c, dict(criterion=c)) for c in args.criteria.split(",")])
@@ -131,14 +132,15 @@ def _plot(rows, path, args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    dense = next(r for r in rows if r["criterion"] == "dense")
+    dense = next((r for r in rows if r["criterion"] == "dense"), None)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for crit in [c for c in dict.fromkeys(r["criterion"] for r in rows) if c != "dense"]:
         pts = sorted((r["ratio"], r["avg"], r["wikitext2_ppl"]) for r in rows if r["criterion"] == crit)
         ax1.plot([100 * x[0] for x in pts], [100 * x[1] for x in pts], marker="o", label=crit)
         ax2.plot([100 * x[0] for x in pts], [x[2] for x in pts], marker="o", label=crit)
-    ax1.axhline(100 * dense["avg"], color="k", ls="--", label="dense")
-    ax2.axhline(dense["wikitext2_ppl"], color="k", ls="--", label="dense")
+    if dense:
+        ax1.axhline(100 * dense["avg"], color="k", ls="--", label="dense")
+        ax2.axhline(dense["wikitext2_ppl"], color="k", ls="--", label="dense")
     ax1.set(xlabel="parameters removed (%)", ylabel="average zero-shot accuracy (%)",
             title=f"5 tasks, first {args.limit} rows each")
     ax2.set(xlabel="parameters removed (%)", ylabel="WikiText-2 perplexity (log)", yscale="log",
