@@ -17,7 +17,7 @@ import torch
 import amp_kernels
 
 from .arch import ArchSpec, Geometry
-from .inference import FUSED_ACTS
+from .inference import FUSED_ACTS, mlp_inputs
 
 
 @dataclass
@@ -97,15 +97,6 @@ def _fused_mlp_forward(mlp_in, down, spec: ArchSpec, stats: "LayerStats", token_
     return forward
 
 
-def _mlp_inputs(layer, spec: ArchSpec):
-    """A function x -> (gate, up) or (fc1(x),) for the layer's MLP input projections."""
-    if spec.gate_up:
-        fused = spec.get(layer, spec.gate_up)
-        return lambda x: fused(x).chunk(2, dim=-1)
-    mods = [spec.get(layer, p) for p in spec.mlp_in]
-    return lambda x: tuple(m(x) for m in mods)
-
-
 @contextmanager
 def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, token_mask: TokenMask,
                      hidden_act: str | None = None, moments: bool = False):
@@ -141,7 +132,7 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
         handles.append(down.register_forward_pre_hook(on_down_input))
     try:
         if fused:
-            mlp.forward = _fused_mlp_forward(_mlp_inputs(layer, spec), down, spec, stats, token_mask)
+            mlp.forward = _fused_mlp_forward(mlp_inputs(layer, spec), down, spec, stats, token_mask)
         yield stats
     finally:
         for h in handles:

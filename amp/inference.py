@@ -41,9 +41,10 @@ def head_map_of(module, num_heads: int, num_kv_heads: int, device) -> tuple[torc
         if not even:
             raise AmpError(f"{num_heads} query heads on {num_kv_heads} KV heads need a head map (amp_head_map)")
         return torch.arange(num_heads, device=device) // even, even
-    if even and list(getattr(module, "amp_head_map")) != [h // even for h in range(num_heads)]:
-        even = 0
-    return head_map, even
+    cache = module.__dict__["_amp_head_map_cache"]  # filled by head_map_tensor; evenness checked once, not per call
+    if "even" not in cache:
+        cache["even"] = even if even and list(module.amp_head_map) == [h // even for h in range(num_heads)] else 0
+    return head_map, cache["even"]
 
 
 def indexed_attention(query, key, value, head_map, attention_mask=None, scaling=None, causal=True, dropout=0.0,
@@ -119,25 +120,25 @@ def _gelu(h):
     return amp_kernels.gelu_mlp_act(h) if use_triton(h) else F.gelu(h, approximate="tanh")
 
 
-def _fused_mlp(mlp, spec: ArchSpec):
-    """The MLP's forward through the fused activation kernel (the projections stay nn.Linear)."""
-    down = mlp.get_submodule(spec.down.split(".", 1)[1])
+def mlp_inputs(layer, spec: ArchSpec):
+    """A function x -> (gate, up) or (fc1(x),) for the layer's MLP input projections (calibration uses it too)."""
     if spec.gate_up:
-        gate_up = mlp.get_submodule(spec.gate_up.split(".", 1)[1])
+        fused = spec.get(layer, spec.gate_up)
+        return lambda x: fused(x).chunk(2, dim=-1)
+    mods = [spec.get(layer, p) for p in spec.mlp_in]
+    return lambda x: tuple(m(x) for m in mods)
 
+
+def _fused_mlp(layer, spec: ArchSpec):
+    """The MLP's forward through the fused activation kernel (the projections stay nn.Linear)."""
+    inputs, down = mlp_inputs(layer, spec), spec.get(layer, spec.down)
+    if spec.gated:
         def forward(x):
-            gate, up = gate_up(x).chunk(2, dim=-1)
+            gate, up = inputs(x)
             return down(_swiglu(gate.contiguous(), up.contiguous()))
-    elif spec.gated:
-        gate_proj, up_proj = (mlp.get_submodule(p.split(".", 1)[1]) for p in spec.mlp_in)
-
-        def forward(x):
-            return down(_swiglu(gate_proj(x), up_proj(x)))
     else:
-        fc1 = mlp.get_submodule(spec.mlp_in[0].split(".", 1)[1])
-
         def forward(x):
-            return down(_gelu(fc1(x)))
+            return down(_gelu(inputs(x)[0]))
     return forward
 
 
@@ -176,7 +177,7 @@ def accelerate_(model, enable: bool = True):
     if fused:
         for layer in layers:
             mlp = layer.get_submodule(spec.mlp)
-            mlp.forward = _fused_mlp(mlp, spec)
+            mlp.forward = _fused_mlp(layer, spec)
     return model
 
 

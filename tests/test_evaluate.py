@@ -11,7 +11,7 @@ from amp.cli import main
 import amp
 from amp.evaluation import perplexity
 from test_cli import _not_causal, assert_clean_failure, run_cli
-from tiny_models import make_tiny, tiny_tokenizer
+from tiny_models import make_tiny, save_tiny
 
 ROWS = {
     "boolq": [{"question": "is the sky blue", "passage": "The sky is blue.", "idx": 0, "label": 1},
@@ -51,10 +51,7 @@ def eval_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_eval")
-    make_tiny("llama_gqa").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny(make_tiny("llama_gqa"), tmp_path_factory.mktemp("tiny_eval"))
 
 
 def test_perplexity_equals_exp_mean_nll():

@@ -10,7 +10,7 @@ import amp
 import amp.inference as inference
 from conftest import random_calibration
 from test_cli import assert_clean_failure, run_cli
-from tiny_models import make_tiny, tiny_tokenizer
+from tiny_models import make_tiny, save_tiny
 
 
 def _ids(b=2, t=13, seed=1):
@@ -180,10 +180,7 @@ def test_unsupported_class_and_dtype_are_refused():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_generate")
-    make_tiny("mistral_gqa").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny(make_tiny("mistral_gqa"), tmp_path_factory.mktemp("tiny_generate"))
 
 
 def test_generate_cli_prints_the_continuation_and_speed(tiny_dir, capsys):

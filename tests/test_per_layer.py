@@ -14,7 +14,7 @@ from conftest import random_calibration
 from test_cli import assert_clean_failure, run_cli
 from test_exactness import masked_reference
 from test_budget import smollm2_shaped
-from tiny_models import make_tiny, tiny_tokenizer
+from tiny_models import make_tiny, save_tiny
 
 MODES = [("uniform", "query"), ("depth", "query"), ("depth", "group"), ("sensitivity", "query"),
          ("sensitivity", "group")]
@@ -104,15 +104,11 @@ def test_solver_budget_is_exact_for_random_scores_and_shapes():
 
 # ---- checkpoints with per-layer shapes ----------------------------------------------------------------------
 
-def _save(model, folder):
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "qwen2_gqa", "phi3_gqa", "phi_mha"])
 def test_heterogeneous_checkpoint_round_trip(family, tmp_path, data_dir):
-    src = _save(make_tiny(family), tmp_path / "dense")
+    src = save_tiny(make_tiny(family), tmp_path / "dense")
     config = amp.PruneConfig(ratio=0.3, allocation="sensitivity", heads="query", **TEXT_CALIB)
     report = amp.prune_checkpoint(str(src), config, tmp_path / "stream", data_dir=data_dir, progress=False)
     memory = amp.prune_checkpoint(str(src), amp.PruneConfig(**{**config.__dict__, "stream": False}),
@@ -148,7 +144,7 @@ def test_heterogeneous_checkpoint_round_trip(family, tmp_path, data_dir):
 
 
 def test_amp_eval_and_info_on_a_heterogeneous_checkpoint(tmp_path, data_dir, capsys):
-    src = _save(make_tiny("llama_gqa"), tmp_path / "dense")
+    src = save_tiny(make_tiny("llama_gqa"), tmp_path / "dense")
     out = tmp_path / "pruned"
     code, stdout, err = run_cli(capsys, "prune", src, "--ratio", 0.3, "--out", out, "--allocation", "depth",
                                 "--heads", "query", "--calib", "wikitext2", "--data-dir", data_dir,
@@ -169,7 +165,7 @@ def test_amp_eval_and_info_on_a_heterogeneous_checkpoint(tmp_path, data_dir, cap
 
 
 def test_a_uniform_group_prune_stays_a_plain_config(tmp_path, data_dir):
-    src = _save(make_tiny("mistral_gqa"), tmp_path / "dense")
+    src = save_tiny(make_tiny("mistral_gqa"), tmp_path / "dense")
     amp.prune_checkpoint(str(src), amp.PruneConfig(ratio=0.3, **TEXT_CALIB), tmp_path / "out", data_dir=data_dir,
                          progress=False)
     assert heterogeneous.KEY not in json.loads((tmp_path / "out" / "config.json").read_text())
@@ -196,7 +192,7 @@ def hetero_dir(tmp_path):
     amp.prune_(model, amp.PruneConfig(ratio=0.3, allocation="depth", heads="query"), random_calibration(),
                progress=False)
     assert heterogeneous.entries(model.config)
-    return _save(model, tmp_path / "hetero")
+    return save_tiny(model, tmp_path / "hetero")
 
 
 def test_per_layer_entries_that_disagree_with_the_tensors(hetero_dir, capsys):

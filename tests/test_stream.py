@@ -13,15 +13,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import amp
 from amp.safetensors_io import INDEX_NAME, ShardWriter, parse_size
 from test_cli import assert_clean_failure, run_cli
-from tiny_models import make_tiny, tiny_tokenizer
+from tiny_models import make_tiny, save_tiny
 
 TEXT_CALIB = dict(calib="wikitext2", nsamples=4, seqlen=32, batch_size=3)
 
 
-def save_checkpoint(model, folder, shard=None):
-    model.save_pretrained(folder, max_shard_size=shard or "5GB")
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def logits(folder, ids):
@@ -36,7 +32,7 @@ def kept(report):
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
 def test_streaming_equals_in_memory(family, sharded, tmp_path, data_dir):
-    src = save_checkpoint(make_tiny(family), tmp_path / "dense", "60KB" if sharded else None)
+    src = save_tiny(make_tiny(family), tmp_path / "dense", "60KB" if sharded else None)
     assert (src / INDEX_NAME).is_file() == sharded
     config = amp.PruneConfig(ratio=0.3, **TEXT_CALIB)
     streamed = amp.prune_checkpoint(str(src), config, tmp_path / "stream", data_dir=data_dir, progress=False)
@@ -54,7 +50,7 @@ def test_streaming_equals_in_memory(family, sharded, tmp_path, data_dir):
 
 @pytest.mark.parametrize("offload", ["host", "disk"])
 def test_offload_modes_give_the_same_prune(offload, tmp_path, data_dir):
-    src = save_checkpoint(make_tiny("llama_gqa"), tmp_path / "dense")
+    src = save_tiny(make_tiny("llama_gqa"), tmp_path / "dense")
     base = amp.prune_checkpoint(str(src), amp.PruneConfig(ratio=0.3, **TEXT_CALIB), tmp_path / "auto",
                                 data_dir=data_dir, progress=False)
     other = amp.prune_checkpoint(str(src), amp.PruneConfig(ratio=0.3, offload=offload, **TEXT_CALIB),
@@ -66,7 +62,7 @@ def test_offload_modes_give_the_same_prune(offload, tmp_path, data_dir):
 
 
 def test_shards_and_index_load_in_vanilla_transformers(tmp_path, data_dir):
-    src = save_checkpoint(make_tiny("phi3_gqa"), tmp_path / "dense", "40KB")
+    src = save_tiny(make_tiny("phi3_gqa"), tmp_path / "dense", "40KB")
     out = tmp_path / "pruned"
     report = amp.prune_checkpoint(str(src), amp.PruneConfig(ratio=0.25, max_shard_size="30KB", **TEXT_CALIB), out,
                                   data_dir=data_dir, progress=False)
@@ -86,7 +82,7 @@ def test_shards_and_index_load_in_vanilla_transformers(tmp_path, data_dir):
 
 def test_bf16_checkpoint_computes_as_the_cpu_allows_and_writes_bf16(tmp_path, data_dir):
     from amp.stream import cpu_bf16_flag
-    src = save_checkpoint(make_tiny("qwen2_gqa").to(torch.bfloat16), tmp_path / "dense")
+    src = save_tiny(make_tiny("qwen2_gqa").to(torch.bfloat16), tmp_path / "dense")
     streamed = amp.prune_checkpoint(str(src), amp.PruneConfig(ratio=0.3, **TEXT_CALIB), tmp_path / "stream",
                                     data_dir=data_dir, progress=False)
     assert streamed["dtype"]["stored"] == "bfloat16"
@@ -137,7 +133,7 @@ def test_streaming_peak_tensor_memory_is_two_layers_plus_activations(tmp_path, d
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
                          pad_token_id=0, eos_token_id=1, bos_token_id=1)
     torch.manual_seed(0)
-    src = save_checkpoint(LlamaForCausalLM(config).eval(), tmp_path / "dense", "8MB")
+    src = save_tiny(LlamaForCausalLM(config).eval(), tmp_path / "dense", "8MB")
     layer_bytes = sum(p.numel() for p in LlamaForCausalLM(config).model.layers[0].parameters()) * 4
     gc.collect()
     baseline = live_tensor_bytes()
@@ -163,7 +159,7 @@ def test_streaming_peak_tensor_memory_is_two_layers_plus_activations(tmp_path, d
 
 
 def test_an_interrupted_run_leaves_no_output(tmp_path, data_dir):
-    src = save_checkpoint(make_tiny("mistral_gqa"), tmp_path / "dense")
+    src = save_tiny(make_tiny("mistral_gqa"), tmp_path / "dense")
     out = tmp_path / "pruned"
     calls = []
 
@@ -180,7 +176,7 @@ def test_an_interrupted_run_leaves_no_output(tmp_path, data_dir):
 # ---- bad checkpoints: one line, exit 2, nothing written -------------------------------------------------------
 
 def _sharded(tmp_path):
-    return save_checkpoint(make_tiny("llama_gqa"), tmp_path / "dense", "60KB")
+    return save_tiny(make_tiny("llama_gqa"), tmp_path / "dense", "60KB")
 
 
 def _shard(src, k):
@@ -211,7 +207,7 @@ def _corrupt_header(tmp_path):
 
 
 def _missing_tensor(tmp_path):
-    src = save_checkpoint(make_tiny("llama_gqa"), tmp_path / "dense")
+    src = save_tiny(make_tiny("llama_gqa"), tmp_path / "dense")
     tensors = load_file(src / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
@@ -231,7 +227,7 @@ def _index_outside(tmp_path):
 
 
 def _float8(tmp_path):
-    src = save_checkpoint(make_tiny("llama_gqa"), tmp_path / "dense")
+    src = save_tiny(make_tiny("llama_gqa"), tmp_path / "dense")
     tensors = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(src / "model.safetensors").items()}
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     return src, "cannot be computed on cpu"

@@ -51,3 +51,10 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def save_tiny(model, folder, shard: str | None = None):
+    """`model` and the byte-level tokenizer saved as a model folder (sharded when `shard` is a size)."""
+    model.save_pretrained(folder, max_shard_size=shard or "5GB")
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
