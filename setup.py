@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="amp-prune",
-    version="0.2.0",
+    version="0.3.0",
     description="AMP structured pruning (attention heads and MLP neurons) for decoder-only LLMs",
     packages=find_packages(include=["amp", "amp.*", "amp_kernels", "amp_kernels.*"]),
     package_data={"amp": ["resources/*.json"]},
@@ -15,8 +15,10 @@ setup(
         "gguf>=0.10",
         "tqdm>=4.60",
         "lm-eval>=0.4.9",
+        "peft>=0.13",
+        "matplotlib>=3.5",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest>=7"], "bench": ["matplotlib>=3.5"]},
+    extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["amp=amp.cli:main"]},
 )

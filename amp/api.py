@@ -63,6 +63,7 @@ def _prune(source, sink, config: PruneConfig, calibration, pad_id: int, timer, p
         },
         "notes": _notes(plan, g0, config) + result["notes"],
         "allocation": result["allocation"],
+        "compensation": result["compensation"],
         "calibration": {
             "source": calibration.name if isinstance(calibration, data.Calibration) else
             ("token tensors" if samples else None),
@@ -86,12 +87,25 @@ def _prune(source, sink, config: PruneConfig, calibration, pad_id: int, timer, p
 
 
 def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwrite: bool = False,
-                     data_dir=None, progress: bool = True, probe=None) -> dict:
+                     data_dir=None, progress: bool = True, probe=None, recover=None, teacher: str | None = None
+                     ) -> dict:
     """Prunes MODEL into the folder `out` (with amp_report.json). Safetensors checkpoints stream by default:
     one layer at a time is read, pruned and written into output shards, so neither host nor device memory has
-    to hold the model. Every input is checked before the heavy work; `out` appears only when complete."""
+    to hold the model. Every input is checked before the heavy work; `out` appears only when complete.
+    `recover` (a RecoverConfig): then fine-tune the pruned model (distilled from `teacher`, "input" for the
+    model being pruned) into `out`; the pruned model waits beside it in OUT.checkpoint/pruned, so that an
+    interrupted recovery resumes with `amp recover OUT.checkpoint/pruned --out OUT --resume`."""
     _check_device(config.device)
     checkpoint.check_output(out, overwrite)
+    if recover is not None:
+        from .recover import checkpoint_path, recover_checkpoint, training_texts
+        training_texts(recover.data, data_dir)  # a bad recovery data file fails before the prune
+        stage = checkpoint_path(out).parent / "pruned"
+        pruned = prune_checkpoint(model_name, config, stage, overwrite=True, data_dir=data_dir,
+                                  progress=progress, probe=probe)
+        teacher = pruned["model_path"] if teacher == "input" else teacher
+        return recover_checkpoint(stage, out, recover, teacher, data_dir=data_dir, overwrite=overwrite,
+                                  progress=progress)
     timer = PhaseTimer(config.device)
     started = time.perf_counter()
     with timer.phase("load"):

@@ -3,14 +3,15 @@
 Per layer: for each query head the sum over calibration tokens of the L1 norm of what it writes through the
 output projection (the fused `head_norms` kernel), and for each MLP neuron the sum of |input of the down
 projection| (gathered by the fused `swiglu` / `gelu_mlp_act` kernels in the MLP's own forward pass).
-With `moments=True` (the wanda-sp and flap baselines) also the per-channel sum and sum of squares (fp64) of
-the inputs of the output and down projections. Padding tokens are excluded through the mask the pipeline sets
-before each batch.
+With `moments=True` (the wanda-sp and flap baselines, a bias compensation) also the per-channel sum and sum of
+squares (fp64) of the inputs of the output and down projections; with `gram=True` (a refit) their Gram
+matrices. Padding tokens are excluded through the mask the pipeline sets before each batch.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ import amp_kernels
 
 from .arch import ArchSpec, Geometry
 from .inference import FUSED_ACTS, mlp_inputs
+
+if TYPE_CHECKING:
+    from .compensate import Gram
 
 
 @dataclass
@@ -61,6 +65,8 @@ class LayerStats:
     tokens: int = 0
     o_moments: ChannelMoments | None = None      # inputs of the output projection (H*d channels)
     down_moments: ChannelMoments | None = None   # inputs of the down projection (I channels)
+    o_gram: "Gram | None" = None                 # sum x x^T of the same inputs (a refit)
+    down_gram: "Gram | None" = None
 
 
 @dataclass
@@ -99,7 +105,7 @@ def _fused_mlp_forward(mlp_in, down, spec: ArchSpec, stats: "LayerStats", token_
 
 @contextmanager
 def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, token_mask: TokenMask,
-                     hidden_act: str | None = None, moments: bool = False):
+                     hidden_act: str | None = None, moments: bool = False, gram: bool = False):
     device = next(layer.parameters()).device
     stats = LayerStats(torch.zeros(geom.num_heads, dtype=torch.float32, device=device),
                        torch.zeros(geom.intermediate, dtype=torch.float32, device=device))
@@ -109,6 +115,10 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
     if moments:
         stats.o_moments = ChannelMoments.zeros(geom.num_heads * geom.head_dim, device)
         stats.down_moments = ChannelMoments.zeros(geom.intermediate, device)
+    if gram:
+        from .compensate import Gram
+        stats.o_gram = Gram.zeros(geom.num_heads * geom.head_dim, device)
+        stats.down_gram = Gram.zeros(geom.intermediate, device)
 
     fused = hidden_act in FUSED_ACTS[spec.gated]  # any other activation falls back to a down-proj hook
 
@@ -118,6 +128,8 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
         amp_kernels.head_norms(x, o_proj.weight, geom.num_heads, p=1, out=stats.head_l1)
         if moments:
             stats.o_moments.add(x)
+        if gram:
+            stats.o_gram.add(x)
 
     def on_down_input(_module, args):
         # The fused MLP forward already feeds the down projection valid rows only (and counted |a| itself).
@@ -126,9 +138,11 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
             stats.neuron_abs += rows.float().abs().sum(dim=0)
         if moments:
             stats.down_moments.add(rows)
+        if gram:
+            stats.down_gram.add(rows)
 
     handles = [o_proj.register_forward_pre_hook(on_o_input)]
-    if moments or not fused:
+    if moments or gram or not fused:
         handles.append(down.register_forward_pre_hook(on_down_input))
     try:
         if fused:

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .config import ALLOCATIONS, CRITERIA, DEVICES, DTYPES, HEADS, OFFLOADS
+from .config import ALLOCATIONS, COMPENSATIONS, CRITERIA, DEVICES, DTYPES, HEADS, OFFLOADS
 from .errors import AmpError
 
 
@@ -50,6 +50,17 @@ def _prune_parser(sub):
                    help="per-layer floor: every layer keeps at least this share of its heads and of its neurons")
     p.add_argument("--depth-range", default="0.5,1.5",
                    help="depth allocation: first and last layer's share of the budget, times the uniform share")
+    p.add_argument("--compensate", default="auto", choices=COMPENSATIONS,
+                   help="fold what removed channels carried into o_proj / down_proj: their calibration mean into "
+                        "the bias, a damped least-squares refit of the kept columns, or both (auto: bias for "
+                        "flap, else the measured default)")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="refit damping, relative to the mean diagonal of the input Gram matrix")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate each layer on the outputs of the already-pruned layers before it")
+    p.add_argument("--recover", action="store_true",
+                   help="then fine-tune (LoRA, and distillation when --teacher is given) into the same --out")
+    _recovery_flags(p, prefix="recover-")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -115,6 +126,65 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _recovery_flags(p, prefix: str = ""):
+    """The recovery knobs, shared by `amp recover` and `amp prune --recover` (there with a `recover-` prefix
+    where a prune flag of the same name exists)."""
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(f"--{prefix}steps", type=int, default=None, help="optimizer steps")
+    budget.add_argument(f"--{prefix}epochs", type=float, default=None, help="passes over the data (default 2)")
+    budget.add_argument(f"--{prefix}tokens", type=int, default=None, help="a training-token budget")
+    p.add_argument(f"--{prefix}data", default="alpaca", help="alpaca | .json / .jsonl / .txt file")
+    p.add_argument("--teacher", default=None, help="dense model to distill from (KL on the logits)")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="weight of the KL term (LM loss: 1 - w)")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(f"--{prefix}seqlen", type=int, default=256, help="records are truncated to this many tokens")
+    p.add_argument(f"--{prefix}batch-size", type=int, default=8)
+    p.add_argument("--max-records", type=int, default=None, help="use this many records of the data")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: never)")
+
+
+def _recover_config(args, prefix: str = ""):
+    from .recover import RecoverConfig
+    get = lambda name: getattr(args, (prefix + name).replace("-", "_"))  # noqa: E731
+    return RecoverConfig(data=get("data"), steps=get("steps"), epochs=get("epochs"), tokens=get("tokens"),
+                         lora_r=args.lora_r, lr=args.lr, seqlen=get("seqlen"), batch_size=get("batch-size"),
+                         kd_weight=args.kd_weight, temperature=args.temperature, max_records=args.max_records,
+                         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
+
+
+def _recover_parser(sub):
+    p = sub.add_parser("recover", help="LoRA fine-tuning (optionally distilled from the dense model) of a pruned "
+                                       "model, merged into its weights")
+    p.add_argument("pruned_dir")
+    p.add_argument("--out", required=True, help="output folder (appears only when the run is complete)")
+    _recovery_flags(p)
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="training dtype (auto: fp32 CPU, bf16 CUDA)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _print_recovery(r: dict, out) -> None:
+    print(f"recovered: {r['steps']} steps, {r['tokens']:,} tokens, loss {r['loss_first']:.3f} -> "
+          f"{r['loss_last']:.3f} ({'distilled, ' if r['teacher'] else ''}LoRA r {r['lora_r']}), "
+          f"{r['seconds']:.0f} s, peak host RSS {r['peak_rss_mb'] or 0:,.0f} MB; written to {out} "
+          "(loss curve: recovery_loss.png)")
+
+
+def cmd_recover(args) -> int:
+    from .recover import recover_checkpoint
+    report = recover_checkpoint(args.pruned_dir, args.out, _recover_config(args), args.teacher,
+                                data_dir=args.data_dir, overwrite=args.overwrite, resume=args.resume,
+                                progress=not args.quiet, dtype=args.dtype)
+    _print_recovery(report["recovery"], args.out)
+    return 0
+
+
 def _info_parser(sub):
     p = sub.add_parser("info", help="print structure and parameter counts of a model folder")
     p.add_argument("folder")
@@ -136,9 +206,13 @@ def cmd_prune(args) -> int:
                          device=args.device, dtype=args.dtype, compute_dtype=args.compute_dtype,
                          offload=args.offload, stream=not args.no_stream, max_shard_size=args.max_shard_size,
                          allocation=args.allocation, heads=args.heads, min_keep=args.min_keep,
-                         depth_range=_pair(args.depth_range))
+                         depth_range=_pair(args.depth_range), compensate=args.compensate, damp=args.damp,
+                         sequential=args.sequential)
+    recovery = _recover_config(args, prefix="recover-") if args.recover else None
+    if not args.recover and args.teacher:
+        raise AmpError("--teacher is a recovery flag: add --recover")
     report = prune_checkpoint(args.model, config, args.out, overwrite=args.overwrite, data_dir=args.data_dir,
-                              progress=not args.quiet)
+                              progress=not args.quiet, recover=recovery, teacher=args.teacher)
     pl = report["per_layer"]
     print(f"pruned {report['model']} with {report['criterion']}: "
           f"{report['params_before']:,} -> {report['params_after']:,} parameters, "
@@ -154,7 +228,13 @@ def cmd_prune(args) -> int:
               f"{pl['neurons'][0]}")
     cal = report["calibration"]
     if cal["used"]:
-        print(f"calibration: {cal['source']}, {cal['samples']} samples, {cal['tokens']:,} tokens")
+        comp = report["compensation"]
+        how = "sequential" if comp["sequential"] else "dense"
+        print(f"calibration: {cal['source']}, {cal['samples']} samples, {cal['tokens']:,} tokens ({how} "
+              f"statistics); compensation: {comp['mode']}" + (
+                  f", o_proj error {comp['o_error_before']:.3f} -> {comp['o_error_after']:.3f}, down_proj "
+                  f"{comp['down_error_before']:.3f} -> {comp['down_error_after']:.3f} (relative, on calibration)"
+                  if "down_error_after" in comp else ""))
     phases = ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["phases"].items())
     print(f"time: {phases}; written to {args.out}")
     mem = report["memory"]
@@ -167,6 +247,8 @@ def cmd_prune(args) -> int:
     print(line)
     for note in report["notes"]:
         print(f"note: {note}")
+    if "recovery" in report:
+        _print_recovery(report["recovery"], args.out)
     print(f"measure what it kept: amp eval {args.out} --baseline {report['model_path']}")
     return 0
 
@@ -188,9 +270,11 @@ def main(argv=None) -> int:
     _info_parser(sub)
     _eval_parser(sub)
     _generate_parser(sub)
+    _recover_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"prune": cmd_prune, "info": cmd_info, "eval": cmd_eval, "generate": cmd_generate}[args.command](args)
+        return {"prune": cmd_prune, "info": cmd_info, "eval": cmd_eval, "generate": cmd_generate,
+                "recover": cmd_recover}[args.command](args)
     except AmpError as e:
         print(f"amp: error: {e}", file=sys.stderr)
         return 2

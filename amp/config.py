@@ -18,6 +18,10 @@ ALLOCATIONS = ("uniform", "depth", "sensitivity")
 HEADS = ("auto", "group", "query")
 # Criteria that need no calibration data.
 DATA_FREE = ("magnitude", "random")
+COMPENSATIONS = ("auto", "none", "bias", "refit", "bias+refit")
+# What --compensate auto means for every criterion but flap (whose own method is the bias): decided by
+# measurement, benchmarks/results/quality_recovery.md.
+DEFAULT_COMPENSATION = "none"
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class PruneConfig:
     heads: str = "auto"              # GQA: prune whole KV groups or single query heads (auto: group if uniform)
     min_keep: float = 0.1            # per-layer floor: each layer keeps this share of its heads and of its neurons
     depth_range: tuple = (0.5, 1.5)  # depth allocation: the first and last layer's share, times the uniform share
+    compensate: str = "auto"         # none | bias | refit | bias+refit (auto: bias for flap, else the measured best)
+    damp: float = 0.01               # refit damping, relative to the mean diagonal of the Gram matrix
+    sequential: bool = False         # calibrate each layer on the outputs of the already-pruned layers
 
     def __post_init__(self):
         if (self.ratio is None) == (self.iteration is None):
@@ -50,6 +57,15 @@ class PruneConfig:
             raise AmpError(f"--iteration must be a positive number of layers, got {self.iteration}")
         if self.criterion not in CRITERIA:
             raise AmpError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.compensate not in COMPENSATIONS:
+            raise AmpError(f"unknown --compensate {self.compensate!r}; choose one of {', '.join(COMPENSATIONS)}")
+        if not (isinstance(self.damp, (int, float)) and self.damp > 0 and self.damp == self.damp):
+            raise AmpError(f"--damp must be a positive number, got {self.damp}")
+        if self.compensate == "auto":
+            object.__setattr__(self, "compensate", "bias" if self.criterion == "flap" else DEFAULT_COMPENSATION)
+        if self.sequential and self.criterion in DATA_FREE:
+            raise AmpError(f"--sequential recalibrates on pruned outputs; criterion {self.criterion!r} uses no "
+                           "calibration data")
         if self.nsamples < 1:
             raise AmpError(f"--nsamples must be at least 1, got {self.nsamples}")
         if self.seqlen < 2:
@@ -83,7 +99,15 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.criterion not in DATA_FREE
+        return self.criterion not in DATA_FREE or self.compensate != "none"
+
+    @property
+    def refit(self) -> bool:
+        return "refit" in self.compensate
+
+    @property
+    def bias(self) -> bool:
+        return "bias" in self.compensate
 
     @property
     def single_pass(self) -> bool:

@@ -28,6 +28,8 @@ class Observation:
     down_mean: torch.Tensor | None = None
     attention_error: dict[int, float] = field(default_factory=dict)   # structures removed -> relative change
     mlp_error: dict[int, float] = field(default_factory=dict)
+    o_gram: object = None                # compensate.Gram of the same inputs (a refit; one layer's worth)
+    down_gram: object = None
 
 
 def removal_order(scores: torch.Tensor) -> torch.Tensor:
@@ -104,16 +106,19 @@ def measure_sensitivity(layer, spec: ArchSpec, geom: Geometry, batches, obs: Obs
 
 @torch.no_grad()
 def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, extras, masks, to_device, hidden_act,
-                  generator, token_mask: TokenMask, sensitivity: dict | None = None) -> Observation:
-    """Statistics and scores of one resident layer; the store's batches become the layer's outputs.
-    `sensitivity`: {"unit", "attention_max", "mlp_max"} to measure output-change curves as well."""
+                  generator, token_mask: TokenMask, sensitivity: dict | None = None, gram: bool = False,
+                  propagate: bool = True) -> Observation:
+    """Statistics and scores of one resident layer; with `propagate` the store's batches become the layer's
+    (dense) outputs (a sequential prune propagates the pruned layer's outputs itself, after the cut).
+    `sensitivity`: {"unit", "attention_max", "mlp_max"} to measure output-change curves as well;
+    `gram`: the Gram matrices of the output projections' inputs (a refit)."""
     from .config import MOMENT_CRITERIA
     kept_inputs = []
     stats = None
     if config.needs_calibration:
         tokens = 0
-        with statistics_hooks(layer, spec, geom, token_mask, hidden_act, config.criterion in MOMENT_CRITERIA) \
-                as stats:
+        moments = config.criterion in MOMENT_CRITERIA or config.bias
+        with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments, gram) as stats:
             for b in range(len(store)):
                 token_mask.set(masks[b])
                 x = store.get(b)
@@ -122,11 +127,14 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, extras, 
                     kept_inputs.append((x.clone(), args, kwargs, masks[b]))
                     tokens += x.shape[0] * x.shape[1] if masks[b] is None else int(masks[b].sum())
                 out = layer(x, *args, **kwargs)
-                store.put(b, out[0] if isinstance(out, tuple) else out)
+                if propagate:
+                    store.put(b, out[0] if isinstance(out, tuple) else out)
     head_s, neuron_s = criteria.scores(config.criterion, layer, spec, geom, stats, generator)
     obs = Observation(head_s, neuron_s)
     if stats is not None and stats.o_moments is not None:
         obs.o_mean, obs.down_mean = stats.o_moments.mean.cpu(), stats.down_moments.mean.cpu()
+    if stats is not None and stats.o_gram is not None:
+        obs.o_gram, obs.down_gram = stats.o_gram, stats.down_gram
     if sensitivity is not None and kept_inputs:
         measure_sensitivity(layer, spec, geom, kept_inputs, obs, sensitivity["unit"], sensitivity["attention_max"],
                             sensitivity["mlp_max"])

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import allocate, criteria, heterogeneous, slicing
+from . import allocate, compensate, criteria, heterogeneous, slicing
 from . import budget as budget_module
 from .activations import ActivationStore, choose_offload
 from .arch import Geometry, spec_for
@@ -141,9 +142,22 @@ def _layer_bytes(layer: nn.Module, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in layer.parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
-def kept_sets(obs: Observation, geom: Geometry, query: bool, attention_removed: int, neurons_removed: int):
-    """(kept query heads, kept KV heads, kept neurons, head map) after removing the lowest-scored structures."""
-    if query and geom.is_gqa:
+def kept_sets(obs: Observation, geom: Geometry, query: bool, attention_removed: int, neurons_removed: int,
+              within_kv: torch.Tensor | None = None):
+    """(kept query heads, kept KV heads, kept neurons, head map) after removing the lowest-scored structures.
+    `within_kv` (single query heads): the KV heads kept are exactly these; the kept query heads are each one's
+    best, then the best of the rest of their heads."""
+    if query and geom.is_gqa and within_kv is not None:
+        kept_kv = within_kv.sort().values
+        n_keep = geom.num_heads - attention_removed
+        heads = slicing.head_rows(kept_kv, geom.group_size)          # query heads of those KV heads
+        scores = obs.head_scores[heads]
+        best = scores.view(len(kept_kv), geom.group_size).argmax(dim=1) + torch.arange(len(kept_kv)) * geom.group_size
+        rest = torch.ones(len(heads), dtype=torch.bool)
+        rest[best] = False
+        extra = rest.nonzero().flatten()[torch.argsort(-scores[rest], stable=True)][:n_keep - len(kept_kv)]
+        kept_heads = heads[torch.cat([best, extra])].sort().values
+    elif query and geom.is_gqa:
         gone = set(removal_order(obs.head_scores)[:attention_removed].tolist())
         kept_heads = torch.tensor([h for h in range(geom.num_heads) if h not in gone], dtype=torch.long)
         kept_kv = torch.unique(kept_heads // geom.group_size)
@@ -156,6 +170,27 @@ def kept_sets(obs: Observation, geom: Geometry, query: bool, attention_removed: 
     position = {int(g): i for i, g in enumerate(kept_kv)}
     head_map = [position[int(h) // geom.group_size] for h in kept_heads]
     return kept_heads, kept_kv, kept_neurons, head_map
+
+
+@contextmanager
+def _pruned_view(layer, spec, config, shape: dict):
+    """A sliced layer runs before the model's config knows its sizes (some families read them from the config
+    in forward, e.g. Phi-3's fused qkv split): its modules see a per-layer view of the config meanwhile, with
+    the index-based attention where the head map is uneven."""
+    view = heterogeneous.LayerConfig(config, shape)
+    if heterogeneous.is_uneven(shape):
+        from .inference import ATTN_INDEXED, register
+        register()
+        view._attn_implementation = ATTN_INDEXED
+    modules = [m for m in (layer, spec.get(layer, spec.attn), spec.get(layer, spec.mlp)) if "config" in m.__dict__]
+    saved = [m.__dict__["config"] for m in modules]
+    for m in modules:
+        m.config = view
+    try:
+        yield
+    finally:
+        for m, c in zip(modules, saved):
+            m.config = c
 
 
 class _Run:
@@ -172,13 +207,22 @@ class _Run:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.token_mask = TokenMask()
         self.store, self.extras, self.masks, self.offload = None, [], [], None
-        self.compensate = config.criterion == "flap" and self.spec.output_bias != "none"
-        self.config_biases = self.compensate and self.spec.output_bias == "config"
+        self.bias = config.bias and self.spec.output_bias != "none"
+        if config.bias and not self.bias and config.criterion != "flap":
+            raise AmpError(f"--compensate {config.compensate}: {type(self.model).__name__} cannot hold an "
+                           "output-projection bias in plain transformers; use --compensate refit")
+        self.config_biases = self.bias and self.spec.output_bias == "config"
+        self.compensation_errors: list[dict] = []
+        self.calibration, self.pad_id, self.staging = None, 0, None
 
     def to_device(self, extra):
         return extra if self.offload["where"] == "device" else _to(extra, self.device)
 
     def capture(self, calibration, pad_id: int, staging) -> int:
+        """Runs the embeddings over the calibration set into a new activation store (the first layer's input)."""
+        self.calibration, self.pad_id, self.staging = calibration, pad_id, staging
+        if self.store is not None:
+            self.store.close()
         with self.timer.phase("calibrate"):
             batches = make_batches(calibration, self.config.batch_size, pad_id)
             shapes = [(ids.shape[0], ids.shape[1], self.geom.hidden) for ids, _ in batches]
@@ -207,32 +251,68 @@ class _Run:
             finally:
                 self.source.release_layer(index)
 
-    def observe(self, layer, sensitivity=None) -> Observation:
+    def observe(self, layer, sensitivity=None, gram: bool = False, dense: bool = True) -> Observation:
+        """Scores (and what compensation needs) of a resident layer. `dense`: the store moves on to the layer's
+        dense outputs; a sequential prune passes False and moves it on after the cut (`propagate`)."""
         with self.timer.phase("calibrate"):
             return observe_layer(layer, self.spec, self.geom, self.config, self.store, self.extras, self.masks,
                                  self.to_device, getattr(self.model.config, "hidden_act", None), self.generator,
-                                 self.token_mask, sensitivity)
+                                 self.token_mask, sensitivity, gram=gram, propagate=dense)
 
-    def cut(self, index, layer, obs: Observation, sink, attention_removed: int, neurons_removed: int) -> dict:
+    @torch.no_grad()
+    def propagate(self, layer, shape: dict) -> None:
+        """Sequential calibration: the store takes the PRUNED layer's outputs, the next layer's inputs."""
+        with self.timer.phase("calibrate"), _pruned_view(layer, self.spec, self.model.config, shape):
+            for b in range(len(self.store)):
+                args, kwargs = self.to_device(self.extras[b])
+                out = layer(self.store.get(b), *args, **kwargs)
+                self.store.put(b, out[0] if isinstance(out, tuple) else out)
+
+    def compensate_layer(self, layer, obs: Observation, kept_heads, kept_neurons) -> dict:
+        """Folds what the removed channels carried into the output projections (bias and/or refit), before
+        their columns are sliced away; returns the refit's calibration errors."""
+        g = self.geom
+        q_cols = slicing.head_rows(kept_heads, g.head_dim)
+        o_proj, down = self.spec.get(layer, self.spec.o), self.spec.get(layer, self.spec.down)
+        if self.config.refit:
+            errors = {}
+            for key, linear, gram, kept in (("o", o_proj, obs.o_gram, q_cols), ("down", down, obs.down_gram,
+                                                                                  kept_neurons)):
+                # a projection that loses nothing is left as it is (a refit would only fit the damping)
+                errors[key] = compensate.refit(linear, gram, kept, self.config.damp, self.bias) \
+                    if len(kept) < linear.in_features else {"error_before": 0.0, "error_after": 0.0}
+            obs.o_gram = obs.down_gram = None  # a Gram matrix is the size of a projection: let it go
+            self.compensation_errors.append(errors)
+            return {k: {m: round(v, 6) for m, v in e.items()} for k, e in errors.items()}
+        if self.bias:
+            slicing.compensate_bias(o_proj, _complement(q_cols, g.num_heads * g.head_dim), obs.o_mean)
+            slicing.compensate_bias(down, _complement(kept_neurons, g.intermediate), obs.down_mean)
+        return {}
+
+    def cut(self, index, layer, obs: Observation, sink, attention_removed: int, neurons_removed: int,
+            within_kv=None) -> dict:
+        """Compensates and slices one layer, then hands it to the sink. `within_kv`: the KV heads that must stay
+        (a sequential re-ranking after a per-layer allocation fixed the shapes)."""
         g = self.geom
         query = self.config.heads == "query"
-        kept_heads, kept_kv, kept_neurons, head_map = kept_sets(obs, g, query, attention_removed, neurons_removed)
+        kept_heads, kept_kv, kept_neurons, head_map = kept_sets(obs, g, query, attention_removed, neurons_removed,
+                                                                within_kv)
+        with self.timer.phase("compensate"):
+            errors = self.compensate_layer(layer, obs, kept_heads, kept_neurons)
         with self.timer.phase("slice"):
-            if self.compensate:
-                q_cols = slicing.head_rows(kept_heads, g.head_dim)
-                slicing.compensate_bias(self.spec.get(layer, self.spec.o),
-                                        _complement(q_cols, g.num_heads * g.head_dim), obs.o_mean)
-                slicing.compensate_bias(self.spec.get(layer, self.spec.down),
-                                        _complement(kept_neurons, g.intermediate), obs.down_mean)
             slicing.slice_attention(layer, self.spec, g, kept_heads, kept_kv, head_map)
             slicing.slice_mlp(layer, self.spec, g, kept_neurons)
+        if self.config.sequential:
+            self.propagate(layer, {"num_attention_heads": len(kept_heads), "num_key_value_heads": len(kept_kv),
+                                   "intermediate_size": len(kept_neurons), "head_map": head_map})
         with self.timer.phase("write"):
             sink.put(index, layer)
         if self.probe:
             self.probe("written")
         return {"layer": index, "kept_heads": kept_heads.tolist(), "kept_kv_heads": kept_kv.tolist(),
                 "kept_neurons": kept_neurons.tolist(), "head_map": head_map,
-                "head_scores": [float(f"{float(s):.7g}") for s in obs.head_scores]}
+                "head_scores": [float(f"{float(s):.7g}") for s in obs.head_scores],
+                **({"compensation": errors} if errors else {})}
 
 
 @torch.no_grad()
@@ -251,11 +331,11 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
     if config.needs_calibration and not calibration:
         raise AmpError(f"criterion {config.criterion!r} needs calibration data")
     notes = []
-    if config.criterion == "flap" and not run.compensate:
+    if config.criterion == "flap" and config.bias and not run.bias:
         notes.append(f"flap: {type(model).__name__} cannot load an output-projection bias in plain transformers, "
                      "so the bias compensation was skipped (fluctuation metric only)")
     if run.config_biases:
-        notes.append("flap: biases enabled (attention_bias, mlp_bias) to hold the compensation; q/k/v and "
+        notes.append("bias compensation: biases enabled (attention_bias, mlp_bias) to hold it; q/k/v and "
                      "gate/up biases are zero")
     n_tokens = run.capture(calibration, pad_id, staging) if config.needs_calibration else 0
     kept, allocation = [], {"method": "uniform", "heads": "group"}
@@ -267,7 +347,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             with run.timer.phase("write"):
                 sink.begin(target)
             for index, layer in run.layers(f"pruning ({config.criterion})"):
-                obs = run.observe(layer)
+                obs = run.observe(layer, gram=config.refit, dense=not config.sequential)
                 kept.append(run.cut(index, layer, obs, sink, the_plan.attn_units_removed, the_plan.neurons_removed))
         else:
             target, kept, allocation = _two_passes(run, sink, the_plan)
@@ -276,7 +356,13 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             run.store.close()
     with run.timer.phase("write"):
         params_after = sink.finish(target)
-    return {"plan": the_plan, "layers": kept, "notes": notes, "calibration_tokens": n_tokens,
+    mode = "+".join(m for m, on in (("bias", run.bias), ("refit", config.refit)) if on) or "none"
+    comp = compensate.summary(mode, n_tokens, {"o": geom.num_heads * geom.head_dim, "down": geom.intermediate},
+                              run.compensation_errors, config.damp)
+    comp["sequential"] = config.sequential
+    if "warning" in comp:
+        notes.append(comp["warning"])
+    return {"plan": the_plan, "layers": kept, "notes": notes, "calibration_tokens": n_tokens, "compensation": comp,
             "geometry_before": geom, "geometry_after": Geometry.from_config(target), "params_after": params_after,
             "offload": run.offload, "compute_dtype": str(run.dtype).replace("torch.", ""),
             "compute_dtype_why": run.dtype_why, "storage_dtype": str(source.storage_dtype).replace("torch.", ""),
@@ -300,16 +386,35 @@ def _two_passes(run: _Run, sink, the_plan):
         else round(the_plan.target_ratio * the_plan.total_params)
     removed, inputs = budget_module.allocate(observations, units, geom, config.allocation, query, config.min_keep,
                                             budget, config.depth_range)
-    shapes = []
+    shapes, kept_kv = [], []
     for obs, (a, n) in zip(observations, removed):
         heads, kv, _, head_map = kept_sets(obs, geom, query, a, n)
+        kept_kv.append(kv)
         shapes.append({"num_attention_heads": len(heads), "num_key_value_heads": len(kv),
                        "intermediate_size": geom.intermediate - n, "head_map": head_map})
-    target = target_config(run.model.config, geom.num_heads, geom.num_kv_heads, geom.intermediate, geom.head_dim,
-                           run.config_biases)
-    target = heterogeneous.per_layer_config(target, shapes)
+    base = target_config(run.model.config, geom.num_heads, geom.num_kv_heads, geom.intermediate, geom.head_dim,
+                         run.config_biases)
+    target = heterogeneous.per_layer_config(base, shapes)
     with run.timer.phase("write"):
         sink.begin(target)
-    kept = [run.cut(index, layer, observations[index], sink, *removed[index])
-            for index, layer in run.layers(f"pruning ({config.criterion}, {config.allocation})")]
+    # A refit needs each layer's Gram matrices (too large to keep for every layer), a sequential prune the
+    # pruned layers' outputs: both calibrate once more, from the embeddings, while cutting.
+    again = config.sequential or config.refit
+    if again:
+        run.capture(run.calibration, run.pad_id, run.staging)
+    kept = []
+    for index, layer in run.layers(f"pruning ({config.criterion}, {config.allocation})"):
+        obs, within = observations[index], None
+        if again:
+            fresh = run.observe(layer, gram=config.refit, dense=not config.sequential)
+            if config.sequential:  # re-ranked on the pruned prefix's outputs, within the allocated shapes
+                obs, within = fresh, (kept_kv[index] if query and geom.is_gqa else None)
+            else:
+                obs.o_gram, obs.down_gram = fresh.o_gram, fresh.down_gram
+        kept.append(run.cut(index, layer, obs, sink, *removed[index], within_kv=within))
+        observations[index] = None
+    if config.sequential:  # the kept query heads may differ: the maps in config.json follow them
+        for shape, entry in zip(shapes, kept):
+            shape["head_map"] = entry["head_map"]
+        target = heterogeneous.per_layer_config(base, shapes)
     return target, kept, {**inputs, "heads": config.heads}

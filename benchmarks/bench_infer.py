@@ -255,7 +255,7 @@ def main():
     try:
         plot(rows, out / f"bench_infer_{device}.png")
     except ImportError:
-        print("matplotlib is missing: no plot (pip install -e '.[bench]')")
+        print("matplotlib is missing: no plot (pip install matplotlib)")
     for line in summary:
         print(line)
 

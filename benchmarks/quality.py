@@ -6,6 +6,12 @@ rows for every model), side by side with the dense model.
   benchmarks/results/quality_allocation.{md,csv,json,png}.
     python -m benchmarks.quality [--ratios 0.1,0.2,0.3] [--limit 100] [--ppl-windows 40]
     python -m benchmarks.quality --modes uniform/group,uniform/query,depth/query,sensitivity/query --limit 500
+- with --recipes (AMP scores, each with its own calibration set): compensation, sequential calibration and
+  recovery side by side, writes benchmarks/results/quality_recovery.{md,csv,json,png}. A recipe is
+  STEPS@CALIB:N, STEPS a '+'-list of none | bias | refit | seq | depth | query | lora | kd, CALIB:N the
+  calibration source and sample count (c4 and wikitext2 in windows of 512 tokens), e.g.
+    python -m benchmarks.quality --recipes none@alpaca:128,refit@c4:64,bias+refit+seq@c4:64,lora@c4:64 \
+        --recover-tokens 65536 --limit 500
 """
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ def main():
     p.add_argument("--ratios", default="0.1,0.2,0.3")
     p.add_argument("--criteria", default="amp,wanda-sp,flap,magnitude,random,reversed")
     p.add_argument("--modes", default=None, help="allocation/heads pairs, e.g. uniform/group,depth/query")
+    p.add_argument("--recipes", default=None, help="STEPS@CALIB:N recipes, e.g. none@alpaca:128,refit@c4:64")
+    p.add_argument("--recover-tokens", type=int, default=65536, help="fine-tuning budget of lora / kd, in tokens")
+    p.add_argument("--recover-seqlen", type=int, default=512)
     p.add_argument("--tasks", default=",".join(TASKS), help="zero-shot tasks, or 'none' for perplexity only")
     p.add_argument("--name", default=None, help="results file name (default: quality or quality_allocation)")
     p.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model (known from a run)")
@@ -57,33 +66,51 @@ def main():
 
     results = {} if args.skip_dense else {"dense": score(dense, "dense")}
     rows = [] if args.skip_dense else [_row("dense", 0.0, 0.0, results["dense"], args.seqlen)]
-    # (label, PruneConfig fields): criteria under uniform allocation, or allocation modes under AMP
-    variants = ([(m, dict(allocation=m.split("/")[0], heads=m.split("/")[1])) for m in args.modes.split(",")]
-                if args.modes else [(c, dict(criterion=c)) for c in args.criteria.split(",")])
+    # (label, PruneConfig fields, calibration, recovery): criteria under uniform allocation, allocation modes
+    # under AMP, or recipes
+    if args.recipes:
+        variants = [_recipe(r, tokenizer, data_dir, args.seed) for r in args.recipes.split(",")]
+    else:
+        variants = [(m, dict(allocation=m.split("/")[0], heads=m.split("/")[1]), calib, None)
+                    for m in args.modes.split(",")] if args.modes else \
+            [(c, dict(criterion=c), calib, None) for c in args.criteria.split(",")]
     for ratio in map(float, args.ratios.split(",")):
-        for label, fields in variants:
+        for label, fields, cal, recovery in variants:
             model = copy.deepcopy(dense)
             data_free = fields.get("criterion") in ("magnitude", "random")
             start = time.perf_counter()
             report = amp.prune_(model, amp.PruneConfig(ratio=ratio, seed=args.seed, **fields),
-                                None if data_free else calib, progress=False)
+                                None if data_free else cal, progress=False)
             prune_s = time.perf_counter() - start
+            recovered = _recover(model, dense, tokenizer, recovery, args, data_dir) if recovery else None
             r = score(model, f"{label}@{ratio}")
             r["prune_notes"] = report["notes"]
             r["prune_seconds"] = round(prune_s, 1)
+            r["compensation"] = report["compensation"]
+            r["calibration_tokens"] = cal.num_tokens
+            if recovered:
+                r["recovery"] = recovered
             r["kept_per_layer"] = [[len(l["kept_heads"]), len(l["kept_kv_heads"]), len(l["kept_neurons"])]
                                    for l in report["layers"]]
             results[f"{label}@{ratio}"] = r
             rows.append(_row(label, ratio, report["ratio_achieved"], r, args.seqlen))
             del model
-    name = args.name or ("quality_allocation" if args.modes else "quality")
-    summary = _ranking(rows, "uniform/group" if args.modes else "amp") + [
+    name = args.name or ("quality_recovery" if args.recipes else "quality_allocation" if args.modes else "quality")
+    reference = variants[0][0] if args.recipes else "uniform/group" if args.modes else "amp"
+    summary = _ranking(rows, reference) + [
         f"Calibration: {calib.name}, {len(calib.samples)} samples, {calib.num_tokens} tokens, seed {args.seed}. "
         f"Perplexity: WikiText-2 test, first {args.ppl_windows} windows of {args.seqlen} tokens. " +
         (f"Zero-shot: lm-eval, first {args.limit} rows of each of {', '.join(tasks)}, the same rows for every "
          "model; 'avg' is their mean (acc_norm for piqa and the ARC sets, acc for boolq and winogrande). "
          if tasks else "No zero-shot tasks (--tasks none): perplexity only. ") +
-        ("AMP scores; the label is allocation/heads." if args.modes else "Uniform allocation for every criterion.")]
+        ("AMP scores; the label is allocation/heads." if args.modes else
+         "AMP scores; the label is STEPS@CALIBRATION:SAMPLES (the calibration line above is the default set, "
+         "unused by recipes)." if args.recipes else "Uniform allocation for every criterion.")]
+    if args.recipes and any(v[3] for v in variants):
+        summary.append(f"Recovery: LoRA r 8 on the attention and MLP projections, Alpaca (never the evaluation "
+                       f"texts), {args.recover_tokens:,} training tokens per fine-tune in windows of "
+                       f"{args.recover_seqlen}; kd = distillation from the dense model (KL on the logits, "
+                       "temperature 1, with the language-model loss at weight 0.5).")
     if tasks:
         summary.append(f"Noise: one task's accuracy on {args.limit} rows has a standard error of up to "
                        f"{100 * (0.25 / args.limit) ** 0.5:.1f} points, the {len(tasks)}-task average up to "
@@ -93,6 +120,42 @@ def main():
     (_path(args.out) / f"{name}.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
     _plot(rows, _path(args.out) / f"{name}.png", args)
     print("\n".join(summary))
+
+
+_STEPS = {"none": {}, "bias": {"compensate": "bias"}, "refit": {"compensate": "refit"}, "seq": {"sequential": True},
+          "depth": {"allocation": "depth"}, "query": {"heads": "query"}}
+
+
+def _recipe(text: str, tokenizer, data_dir, seed: int):
+    """'bias+refit+seq@c4:64' -> (label, PruneConfig fields, calibration, recovery or None)."""
+    import amp
+    steps, _, cal = text.partition("@")
+    source, _, n = (cal or "alpaca:128").partition(":")
+    fields, recovery = {"compensate": "none"}, None
+    for step in steps.split("+"):
+        if step in ("lora", "kd"):
+            recovery = step
+        elif step in _STEPS:
+            fields.update(_STEPS[step])
+        else:
+            raise SystemExit(f"unknown recipe step {step!r} in {text!r}")
+    if "bias" in steps.split("+") and "refit" in steps.split("+"):
+        fields["compensate"] = "bias+refit"
+    key = (source, int(n or 128))
+    if key not in _CALIBRATIONS:
+        _CALIBRATIONS[key] = amp.load_calibration(tokenizer, source, key[1], 512, seed, data_dir)
+    return text, fields, _CALIBRATIONS[key], recovery
+
+
+_CALIBRATIONS: dict = {}
+
+
+def _recover(model, dense, tokenizer, kind: str, args, data_dir) -> dict:
+    from amp.recover import RecoverConfig, recover_model
+    config = RecoverConfig(tokens=args.recover_tokens, seqlen=args.recover_seqlen, kd_weight=0.5 if kind == "kd"
+                           else 0.0)
+    return recover_model(model, tokenizer, config, teacher=dense if kind == "kd" else None, data_dir=data_dir,
+                         progress=False)
 
 
 def _path(p):

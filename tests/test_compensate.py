@@ -1,0 +1,173 @@
+"""Compensation while pruning (bias, refit) and sequential calibration, each against an independent computation
+from inputs captured on the dense (or partly pruned) model."""
+import copy
+
+import pytest
+import torch
+
+import amp
+from amp.arch import Geometry, spec_for
+from amp.errors import AmpError
+from conftest import random_calibration
+from test_exactness import masked_reference
+from test_scores import captured_inputs
+from tiny_models import make_tiny
+
+
+def _cols(kept_heads, d):
+    return torch.tensor([h * d + j for h in kept_heads for j in range(d)])
+
+
+def _ridge(x_kept, target, prior, lam, with_bias):
+    """min ||[x_K (1)] W'^T - target||^2 + lam ||W' - prior||^2 (the bias column undamped), by lstsq."""
+    n, k = x_kept.shape
+    a = torch.cat([x_kept, torch.ones(n, 1, dtype=x_kept.dtype)], 1) if with_bias else x_kept
+    reg = torch.eye(a.shape[1], dtype=a.dtype) * lam ** 0.5
+    prior_t = prior.T
+    if with_bias:
+        reg[-1, -1] = 0
+        prior_t = torch.cat([prior_t, torch.zeros(1, prior_t.shape[1], dtype=prior_t.dtype)])
+    sol = torch.linalg.lstsq(torch.cat([a, reg]), torch.cat([target, reg @ prior_t])).solution
+    return sol.T  # (out, k [+1])
+
+
+@pytest.mark.parametrize("family,mode", [("llama_mha", "refit"), ("phi_mha", "refit"), ("llama_gqa", "bias+refit"),
+                                         ("phi3_gqa", "refit")])
+def test_refit_equals_lstsq_on_captured_inputs(family, mode):
+    model = make_tiny(family)
+    spec, geom = spec_for(model), Geometry.from_config(model.config)
+    samples = random_calibration(n=8, lo=20, hi=40)
+    o_in, down_in = captured_inputs(model, samples, spec.o), captured_inputs(model, samples, spec.down)
+    dense = copy.deepcopy(model)
+    damp = 0.05
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.4, compensate=mode, damp=damp, batch_size=3), samples,
+                        progress=False)
+    assert report["compensation"]["mode"] == mode
+    with_bias = "bias" in mode
+    for i, kept in enumerate(report["layers"]):
+        d_layer, p_layer = dense.model.layers[i], model.model.layers[i]
+        for key, x, cols in (("o", o_in[i].double(), _cols(kept["kept_heads"], geom.head_dim)),
+                             ("down", down_in[i].double(), torch.tensor(kept["kept_neurons"]))):
+            path = spec.o if key == "o" else spec.down
+            w = spec.get(d_layer, path).weight.detach().double()
+            if len(cols) == w.shape[1]:
+                continue  # nothing removed: left as it is
+            lam = damp * float((x * x).sum(0).mean())
+            want = _ridge(x[:, cols], x @ w.T, w[:, cols], lam, with_bias)
+            got = spec.get(p_layer, path).weight.detach().double()
+            torch.testing.assert_close(got, want[:, :len(cols)], rtol=1e-3, atol=1e-5)
+            if with_bias:
+                b0 = spec.get(d_layer, path).bias
+                b0 = torch.zeros(w.shape[0], dtype=torch.float64) if b0 is None else b0.detach().double()
+                torch.testing.assert_close(spec.get(p_layer, path).bias.detach().double() - b0, want[:, -1],
+                                           rtol=1e-3, atol=1e-5)
+            # never a larger calibration reconstruction error than just dropping the columns
+            y = x @ w.T
+            err_none = (y - x[:, cols] @ w[:, cols].T).square().sum()
+            shift = want[:, -1] if with_bias else 0
+            err_refit = (y - x[:, cols] @ got.T - shift).square().sum()
+            assert err_refit <= err_none * (1 + 1e-9)
+            e = kept["compensation"][key]
+            assert e["error_after"] <= e["error_before"] + 1e-9
+            assert e["error_before"] == pytest.approx(float(err_none / y.square().sum()), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "phi_mha"])
+def test_bias_keeps_output_on_calibration_mean(family):
+    model = make_tiny(family)
+    spec, geom = spec_for(model), Geometry.from_config(model.config)
+    samples = random_calibration(n=6)
+    o_in, down_in = captured_inputs(model, samples, spec.o), captured_inputs(model, samples, spec.down)
+    dense = copy.deepcopy(model)
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.35, compensate="bias", batch_size=2), samples,
+                        progress=False)
+    assert report["compensation"]["mode"] == "bias"
+    for i, kept in enumerate(report["layers"]):
+        cols, neurons = _cols(kept["kept_heads"], geom.head_dim), torch.tensor(kept["kept_neurons"])
+        mean_x, mean_a = o_in[i].mean(0), down_in[i].mean(0)
+        with torch.no_grad():
+            torch.testing.assert_close(spec.get(model.model.layers[i], spec.o)(mean_x[cols]),
+                                       spec.get(dense.model.layers[i], spec.o)(mean_x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(spec.get(model.model.layers[i], spec.down)(mean_a[neurons]),
+                                       spec.get(dense.model.layers[i], spec.down)(mean_a), rtol=1e-4, atol=1e-5)
+
+
+def _prefix_masked(original, report, upto):
+    """The original model with the structures pruned from layers [0, upto) zeroed at their exits."""
+    partial = {**report, "layers": report["layers"][:upto]}
+    ref = masked_reference(original, partial)
+    return ref
+
+
+@pytest.mark.parametrize("family,allocation", [("llama_mha", "uniform"), ("phi3_gqa", "uniform"),
+                                               ("llama_gqa", "depth")])
+def test_sequential_statistics_come_from_the_pruned_prefix(family, allocation):
+    original = make_tiny(family)
+    spec, geom = spec_for(original), Geometry.from_config(original.config)
+    samples = random_calibration(n=6, lo=10, hi=30)
+    pruned = copy.deepcopy(original)
+    report = amp.prune_(pruned, amp.PruneConfig(ratio=0.35, sequential=True, compensate="none", batch_size=2,
+                                                allocation=allocation), samples, progress=False)
+    assert report["compensation"]["sequential"]
+    n_tokens = sum(len(s) for s in samples)
+    differs = False
+    for i, kept in enumerate(report["layers"]):
+        ref = _prefix_masked(original, report, i)   # layers before i as pruned, layer i and after dense
+        x = captured_inputs(ref, samples, spec.o)[i].view(n_tokens, geom.num_heads, geom.head_dim)
+        w = spec.get(original.model.layers[i], spec.o).weight.detach().view(geom.hidden, geom.num_heads, -1)
+        direct = torch.stack([(x[:, h] @ w[:, h].T).abs().sum(-1).mean() for h in range(geom.num_heads)])
+        torch.testing.assert_close(torch.tensor(kept["head_scores"]), direct, rtol=1e-4, atol=1e-6)
+        if i:
+            dense_x = captured_inputs(original, samples, spec.o)[i].view(n_tokens, geom.num_heads, -1)
+            differs |= not torch.allclose(dense_x, x)
+    assert differs, "pruning the prefix should change later layers' inputs"
+    # and the sequentially pruned model is still exactly its masked original
+    ids = torch.randint(2, 258, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, _prefix_masked(original, report, 99)(ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_refit_fits_on_pruned_prefix_inputs():
+    original = make_tiny("llama_mha")
+    spec = spec_for(original)
+    samples = random_calibration(n=8, lo=20, hi=40)
+    pruned = copy.deepcopy(original)
+    damp = 0.05
+    report = amp.prune_(pruned, amp.PruneConfig(ratio=0.4, sequential=True, compensate="refit", damp=damp,
+                                                batch_size=4), samples, progress=False)
+    i = len(report["layers"]) - 1
+    hybrid = copy.deepcopy(original)
+    for j in range(i):                      # the pruned (refit) layers before i, the dense layer i
+        hybrid.model.layers[j] = pruned.model.layers[j]
+    x = captured_inputs(hybrid, samples, spec.down)[i].double()
+    neurons = torch.tensor(report["layers"][i]["kept_neurons"])
+    w = spec.get(original.model.layers[i], spec.down).weight.detach().double()
+    lam = damp * float((x * x).sum(0).mean())
+    want = _ridge(x[:, neurons], x @ w.T, w[:, neurons], lam, False)
+    torch.testing.assert_close(spec.get(pruned.model.layers[i], spec.down).weight.detach().double(), want,
+                               rtol=1e-3, atol=1e-5)
+
+
+def test_compensation_report_warns_on_thin_calibration():
+    model = make_tiny("llama_mha")
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.3, compensate="refit"), random_calibration(n=3),
+                        progress=False)
+    comp = report["compensation"]
+    assert comp["tokens_per_channel"]["down"] < 10 and "overfit" in comp["warning"]
+    assert any("overfit" in n for n in report["notes"])
+
+
+def test_bad_compensation_inputs():
+    with pytest.raises(AmpError, match="damp must be a positive"):
+        amp.PruneConfig(ratio=0.2, compensate="refit", damp=0.0)
+    with pytest.raises(AmpError, match="damp must be a positive"):
+        amp.PruneConfig(ratio=0.2, damp=-1)
+    with pytest.raises(AmpError, match="unknown --compensate"):
+        amp.PruneConfig(ratio=0.2, compensate="obs")
+    with pytest.raises(AmpError, match="--sequential"):
+        amp.PruneConfig(ratio=0.2, criterion="magnitude", sequential=True)
+    with pytest.raises(AmpError, match="cannot hold an output-projection bias"):
+        amp.prune_(make_tiny("mistral_gqa"), amp.PruneConfig(ratio=0.3, compensate="bias"), random_calibration(),
+                   progress=False)
+    assert amp.PruneConfig(ratio=0.2, criterion="flap").compensate == "bias"
