@@ -19,9 +19,10 @@ HEADS = ("auto", "group", "query")
 # Criteria that need no calibration data.
 DATA_FREE = ("magnitude", "random")
 COMPENSATIONS = ("auto", "none", "bias", "refit", "bias+refit")
-# What --compensate auto means for every criterion but flap (whose own method is the bias): decided by
-# measurement, benchmarks/results/quality_recovery.md.
-DEFAULT_COMPENSATION = "none"
+# What --compensate auto means for every criterion but flap (whose own method is the bias), decided by
+# measurement (benchmarks/results/quality_recovery.md): a refit wherever the calibration set has enough tokens
+# per input channel for one (compensate.MIN_TOKENS_PER_CHANNEL), else nothing.
+AUTO_REFIT = True
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ class PruneConfig:
             raise AmpError(f"unknown --compensate {self.compensate!r}; choose one of {', '.join(COMPENSATIONS)}")
         if not (isinstance(self.damp, (int, float)) and self.damp > 0 and self.damp == self.damp):
             raise AmpError(f"--damp must be a positive number, got {self.damp}")
-        if self.compensate == "auto":
-            object.__setattr__(self, "compensate", "bias" if self.criterion == "flap" else DEFAULT_COMPENSATION)
+        if self.compensate == "auto" and self.criterion == "flap":
+            object.__setattr__(self, "compensate", "bias")
         if self.sequential and self.criterion in DATA_FREE:
             raise AmpError(f"--sequential recalibrates on pruned outputs; criterion {self.criterion!r} uses no "
                            "calibration data")
@@ -99,7 +100,12 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.criterion not in DATA_FREE or self.compensate != "none"
+        return self.criterion not in DATA_FREE or self.compensate not in ("none", "auto")
+
+    @property
+    def auto_refit(self) -> bool:
+        """--compensate auto: refit if the calibration set turns out large enough (decided once it is read)."""
+        return self.compensate == "auto" and AUTO_REFIT and self.needs_calibration
 
     @property
     def refit(self) -> bool:

@@ -107,17 +107,17 @@ def measure_sensitivity(layer, spec: ArchSpec, geom: Geometry, batches, obs: Obs
 @torch.no_grad()
 def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, extras, masks, to_device, hidden_act,
                   generator, token_mask: TokenMask, sensitivity: dict | None = None, gram: bool = False,
-                  propagate: bool = True) -> Observation:
+                  propagate: bool = True, means: bool = False) -> Observation:
     """Statistics and scores of one resident layer; with `propagate` the store's batches become the layer's
     (dense) outputs (a sequential prune propagates the pruned layer's outputs itself, after the cut).
     `sensitivity`: {"unit", "attention_max", "mlp_max"} to measure output-change curves as well;
-    `gram`: the Gram matrices of the output projections' inputs (a refit)."""
+    `gram`: the Gram matrices of the output projections' inputs (a refit); `means`: their means (a bias)."""
     from .config import MOMENT_CRITERIA
     kept_inputs = []
     stats = None
     if config.needs_calibration:
         tokens = 0
-        moments = config.criterion in MOMENT_CRITERIA or config.bias
+        moments = config.criterion in MOMENT_CRITERIA or means
         with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments, gram) as stats:
             for b in range(len(store)):
                 token_mask.set(masks[b])

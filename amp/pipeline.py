@@ -212,6 +212,7 @@ class _Run:
             raise AmpError(f"--compensate {config.compensate}: {type(self.model).__name__} cannot hold an "
                            "output-projection bias in plain transformers; use --compensate refit")
         self.config_biases = self.bias and self.spec.output_bias == "config"
+        self.refit = config.refit  # --compensate auto decides once the calibration set is read (decide_refit)
         self.compensation_errors: list[dict] = []
         self.calibration, self.pad_id, self.staging = None, 0, None
 
@@ -257,7 +258,21 @@ class _Run:
         with self.timer.phase("calibrate"):
             return observe_layer(layer, self.spec, self.geom, self.config, self.store, self.extras, self.masks,
                                  self.to_device, getattr(self.model.config, "hidden_act", None), self.generator,
-                                 self.token_mask, sensitivity, gram=gram, propagate=dense)
+                                 self.token_mask, sensitivity, gram=gram, propagate=dense, means=self.bias)
+
+    def decide_refit(self, tokens: int) -> str | None:
+        """--compensate auto: a refit when every refit projection gets enough calibration tokens per input
+        channel, else no compensation; returns the report's note."""
+        if not self.config.auto_refit:
+            return None
+        widest = max(self.geom.intermediate, self.geom.num_heads * self.geom.head_dim)
+        per = tokens / widest
+        self.refit = per >= compensate.MIN_TOKENS_PER_CHANNEL
+        if self.refit:
+            return None
+        return (f"--compensate auto: no refit, since {tokens} calibration tokens are {per:.1f} per input channel "
+                f"of the widest output projection ({widest}), fewer than {compensate.MIN_TOKENS_PER_CHANNEL}; "
+                f"a refit needs e.g. --calib c4 --nsamples {math.ceil(compensate.MIN_TOKENS_PER_CHANNEL * widest / self.config.seqlen)}")
 
     @torch.no_grad()
     def propagate(self, layer, shape: dict) -> None:
@@ -274,7 +289,7 @@ class _Run:
         g = self.geom
         q_cols = slicing.head_rows(kept_heads, g.head_dim)
         o_proj, down = self.spec.get(layer, self.spec.o), self.spec.get(layer, self.spec.down)
-        if self.config.refit:
+        if self.refit:
             errors = {}
             for key, linear, gram, kept in (("o", o_proj, obs.o_gram, q_cols), ("down", down, obs.down_gram,
                                                                                   kept_neurons)):
@@ -338,6 +353,9 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
         notes.append("bias compensation: biases enabled (attention_bias, mlp_bias) to hold it; q/k/v and "
                      "gate/up biases are zero")
     n_tokens = run.capture(calibration, pad_id, staging) if config.needs_calibration else 0
+    note = run.decide_refit(n_tokens)
+    if note:
+        notes.append(note)
     kept, allocation = [], {"method": "uniform", "heads": "group"}
     try:
         if config.single_pass:
@@ -347,7 +365,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             with run.timer.phase("write"):
                 sink.begin(target)
             for index, layer in run.layers(f"pruning ({config.criterion})"):
-                obs = run.observe(layer, gram=config.refit, dense=not config.sequential)
+                obs = run.observe(layer, gram=run.refit, dense=not config.sequential)
                 kept.append(run.cut(index, layer, obs, sink, the_plan.attn_units_removed, the_plan.neurons_removed))
         else:
             target, kept, allocation = _two_passes(run, sink, the_plan)
@@ -356,7 +374,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             run.store.close()
     with run.timer.phase("write"):
         params_after = sink.finish(target)
-    mode = "+".join(m for m, on in (("bias", run.bias), ("refit", config.refit)) if on) or "none"
+    mode = "+".join(m for m, on in (("bias", run.bias), ("refit", run.refit)) if on) or "none"
     comp = compensate.summary(mode, n_tokens, {"o": geom.num_heads * geom.head_dim, "down": geom.intermediate},
                               run.compensation_errors, config.damp)
     comp["sequential"] = config.sequential
@@ -399,14 +417,14 @@ def _two_passes(run: _Run, sink, the_plan):
         sink.begin(target)
     # A refit needs each layer's Gram matrices (too large to keep for every layer), a sequential prune the
     # pruned layers' outputs: both calibrate once more, from the embeddings, while cutting.
-    again = config.sequential or config.refit
+    again = config.sequential or run.refit
     if again:
         run.capture(run.calibration, run.pad_id, run.staging)
     kept = []
     for index, layer in run.layers(f"pruning ({config.criterion}, {config.allocation})"):
         obs, within = observations[index], None
         if again:
-            fresh = run.observe(layer, gram=config.refit, dense=not config.sequential)
+            fresh = run.observe(layer, gram=run.refit, dense=not config.sequential)
             if config.sequential:  # re-ranked on the pruned prefix's outputs, within the allocated shapes
                 obs, within = fresh, (kept_kv[index] if query and geom.is_gqa else None)
             else:

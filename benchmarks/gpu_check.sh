@@ -17,8 +17,8 @@ export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
 # test_inference and test_per_layer (minus the tests that read ../shared/data, absent there) also check that
 # accelerate_ and per-layer checkpoints work with the GPU machine's own transformers version.
 timeout 200 python -m pytest -q -s -p no:cacheprovider -o addopts="" tests/test_kernels.py tests/test_cuda.py \
-  tests/test_inference.py tests/test_per_layer.py \
-  -k "not round_trip and not amp_eval_and_info and not bad_allocation and not plain_config" \
+  tests/test_inference.py tests/test_per_layer.py tests/test_compensate.py tests/test_recover.py \
+  -k "not round_trip and not amp_eval_and_info and not bad_allocation and not plain_config and not one_command" \
   2>&1 | tee "$LOGS/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 timeout 140 python -m benchmarks.bench_kernels --out "$RES" 2>&1 | tee "$LOGS/gpu_bench.log"

@@ -33,7 +33,8 @@ def main():
     p.add_argument("--modes", default=None, help="allocation/heads pairs, e.g. uniform/group,depth/query")
     p.add_argument("--recipes", default=None, help="STEPS@CALIB:N recipes, e.g. none@alpaca:128,refit@c4:64")
     p.add_argument("--recover-tokens", type=int, default=65536, help="fine-tuning budget of lora / kd, in tokens")
-    p.add_argument("--recover-seqlen", type=int, default=512)
+    p.add_argument("--recover-seqlen", type=int, default=256)
+    p.add_argument("--recover-lr", type=float, default=3e-4, help="a short budget moves LoRA little at 1e-4")
     p.add_argument("--tasks", default=",".join(TASKS), help="zero-shot tasks, or 'none' for perplexity only")
     p.add_argument("--name", default=None, help="results file name (default: quality or quality_allocation)")
     p.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model (known from a run)")
@@ -82,7 +83,9 @@ def main():
             report = amp.prune_(model, amp.PruneConfig(ratio=ratio, seed=args.seed, **fields),
                                 None if data_free else cal, progress=False)
             prune_s = time.perf_counter() - start
-            recovered = _recover(model, dense, tokenizer, recovery, args, data_dir) if recovery else None
+            recovered = None
+            if recovery:
+                recovered, model = _recover(model, dense, tokenizer, recovery, args, data_dir)
             r = score(model, f"{label}@{ratio}")
             r["prune_notes"] = report["notes"]
             r["prune_seconds"] = round(prune_s, 1)
@@ -107,17 +110,22 @@ def main():
          "AMP scores; the label is STEPS@CALIBRATION:SAMPLES (the calibration line above is the default set, "
          "unused by recipes)." if args.recipes else "Uniform allocation for every criterion.")]
     if args.recipes and any(v[3] for v in variants):
-        summary.append(f"Recovery: LoRA r 8 on the attention and MLP projections, Alpaca (never the evaluation "
-                       f"texts), {args.recover_tokens:,} training tokens per fine-tune in windows of "
-                       f"{args.recover_seqlen}; kd = distillation from the dense model (KL on the logits, "
-                       "temperature 1, with the language-model loss at weight 0.5).")
+        summary.append(f"Recovery: LoRA r 8 on the attention and MLP projections, Alpaca records (prompt and "
+                       f"response; never the evaluation texts), a budget of {args.recover_tokens:,} training "
+                       f"tokens per fine-tune (records truncated to {args.recover_seqlen}, batch 8, lr "
+                       f"{args.recover_lr:g}); kd = distillation from the dense model (KL on the logits, "
+                       "temperature 1, weight 0.5 beside the language-model loss).")
     if tasks:
         summary.append(f"Noise: one task's accuracy on {args.limit} rows has a standard error of up to "
                        f"{100 * (0.25 / args.limit) ** 0.5:.1f} points, the {len(tasks)}-task average up to "
                        f"{100 * (0.25 / args.limit / len(tasks)) ** 0.5:.1f}; differences of average below about "
                        f"{2 * 100 * (0.25 / args.limit / len(tasks)) ** 0.5:.1f} points are within noise.")
     record(name, rows, summary, results_dir=_path(args.out))
-    (_path(args.out) / f"{name}.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+    json_path = _path(args.out) / f"{name}.json"
+    if json_path.is_file():  # runs of single recipes add up in one file
+        earlier = json.loads(json_path.read_text()).get("results", {})
+        results = {**earlier, **results}
+    json_path.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
     _plot(rows, _path(args.out) / f"{name}.png", args)
     print("\n".join(summary))
 
@@ -152,10 +160,16 @@ _CALIBRATIONS: dict = {}
 
 def _recover(model, dense, tokenizer, kind: str, args, data_dir) -> dict:
     from amp.recover import RecoverConfig, recover_model
-    config = RecoverConfig(tokens=args.recover_tokens, seqlen=args.recover_seqlen, kd_weight=0.5 if kind == "kd"
-                           else 0.0)
-    return recover_model(model, tokenizer, config, teacher=dense if kind == "kd" else None, data_dir=data_dir,
-                         progress=False)
+    config = RecoverConfig(tokens=args.recover_tokens, seqlen=args.recover_seqlen, lr=args.recover_lr,
+                           kd_weight=0.5 if kind == "kd" else 0.0, checkpoint_every=0)
+    result = recover_model(model, tokenizer, config, teacher=dense if kind == "kd" else None, data_dir=data_dir,
+                           progress=False)
+    merged = result.pop("model")
+    history = result.pop("history")
+    result["loss_curve"] = [round(h["loss"], 4) for h in history]
+    print(f"  recovery: {result['steps']} steps, {result['tokens']:,} tokens, loss {result['loss_first']:.3f} -> "
+          f"{result['loss_last']:.3f}, {result['seconds']:.0f} s", flush=True)
+    return result, merged
 
 
 def _path(p):

@@ -171,3 +171,15 @@ def test_bad_compensation_inputs():
         amp.prune_(make_tiny("mistral_gqa"), amp.PruneConfig(ratio=0.3, compensate="bias"), random_calibration(),
                    progress=False)
     assert amp.PruneConfig(ratio=0.2, criterion="flap").compensate == "bias"
+
+
+def test_auto_refits_only_with_enough_calibration_tokens():
+    few = amp.prune_(make_tiny("llama_mha"), amp.PruneConfig(ratio=0.3), random_calibration(n=4), progress=False)
+    assert few["compensation"]["mode"] == "none"
+    assert any("--compensate auto: no refit" in n for n in few["notes"])
+    many = random_calibration(n=48, lo=25, hi=40)   # > 10 tokens per neuron of the 96-wide down_proj
+    rich = amp.prune_(make_tiny("llama_mha"), amp.PruneConfig(ratio=0.3), many, progress=False)
+    assert rich["compensation"]["mode"] == "refit" and rich["compensation"]["tokens_per_channel"]["down"] >= 10
+    assert "warning" not in rich["compensation"]
+    data_free = amp.PruneConfig(ratio=0.3, criterion="magnitude")
+    assert not data_free.needs_calibration and not data_free.auto_refit

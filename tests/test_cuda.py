@@ -108,3 +108,23 @@ def test_accelerated_model_on_cuda_equals_stock(family, dtype):
     torch.testing.assert_close(got, want, **tol)
     if dtype == torch.float32:
         assert torch.equal(got_gen, want_gen)
+
+
+def test_refit_and_recovery_on_cuda_match_cpu():
+    """The refit's Gram matrices accumulate on the device; recovery trains there (bf16 base, fp32 adapters)."""
+    samples = random_calibration(n=8, lo=20, hi=40)
+    cpu, gpu = make_tiny("llama_gqa"), make_tiny("llama_gqa")
+    rep_cpu = amp.prune_(cpu, amp.PruneConfig(ratio=0.4, compensate="bias+refit", device="cpu"), samples,
+                         progress=False)
+    rep_gpu = amp.prune_(gpu, amp.PruneConfig(ratio=0.4, compensate="bias+refit", device="cuda"), samples,
+                         progress=False)
+    assert [x["kept_neurons"] for x in rep_cpu["layers"]] == [x["kept_neurons"] for x in rep_gpu["layers"]]
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    from amp.recover import RecoverConfig, recover_model
+    data = [torch.randint(2, 10, (24,), generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    result = recover_model(gpu.to(torch.bfloat16), None, RecoverConfig(steps=10, lr=1e-2, batch_size=4,
+                                                                        device="cuda", checkpoint_every=0),
+                           teacher=copy.deepcopy(cpu).to(torch.bfloat16), samples=data, progress=False)
+    assert result["peak_cuda_mb"] > 0 and result["merge_max_abs_diff"] < 0.5
+    assert next(result["model"].parameters()).device.type == "cuda"
