@@ -124,17 +124,27 @@ def tokenize(texts: list[str], tokenizer, seqlen: int) -> list[torch.Tensor]:
 
 
 def epoch_batches(samples: list[torch.Tensor], batch_size: int, seed: int, epoch: int, pad_id: int):
-    """The batches of one epoch, in a shuffled order fixed by (seed, epoch): (input_ids, attention_mask)."""
+    """The batches of one epoch, in an order fixed by (seed, epoch): (input_ids, attention_mask). Records of
+    similar length are batched together (shuffled, then sorted by length within chunks of 64 batches, and the
+    batches shuffled), as transformers' group_by_length does: right padding to the longest record of a random
+    batch would triple the compute on Alpaca, whose records run from 20 to 256 tokens."""
+    rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(samples)))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    rng.shuffle(order)
+    usable = len(order) - len(order) % batch_size if len(order) >= batch_size else len(order)
+    order = order[:usable]
+    chunk = 64 * batch_size
+    order = [i for start in range(0, len(order), chunk)
+             for i in sorted(order[start:start + chunk], key=lambda i: -len(samples[i]))]
+    groups = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    rng.shuffle(groups)
     batches = []
-    for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-        group = [samples[i] for i in order[start:start + batch_size]]
-        width = max(len(s) for s in group)
+    for group in groups:
+        width = max(len(samples[i]) for i in group)
         ids = torch.full((len(group), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, s in enumerate(group):
-            ids[row, :len(s)], mask[row, :len(s)] = s, 1
+        for row, i in enumerate(group):
+            ids[row, :len(samples[i])], mask[row, :len(samples[i])] = samples[i], 1
         batches.append((ids, mask))
     return batches
 

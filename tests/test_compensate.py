@@ -183,3 +183,23 @@ def test_auto_refits_only_with_enough_calibration_tokens():
     assert "warning" not in rich["compensation"]
     data_free = amp.PruneConfig(ratio=0.3, criterion="magnitude")
     assert not data_free.needs_calibration and not data_free.auto_refit
+
+
+def test_cli_prunes_with_refit_and_sequential_streamed(tiny_llama_dir, tmp_path, capsys, data_dir):
+    from amp.cli import main
+    out = tmp_path / "refit"
+    code = main(["prune", str(tiny_llama_dir), "--ratio", "0.3", "--out", str(out), "--calib", "c4",
+                 "--data-dir", str(data_dir), "--nsamples", "8", "--seqlen", "64", "--compensate", "refit",
+                 "--sequential", "--damp", "0.1", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "sequential statistics); compensation: refit, o_proj error" in printed
+    import json
+    comp = json.loads((out / "amp_report.json").read_text())["compensation"]
+    assert comp["mode"] == "refit" and comp["sequential"] and comp["damp"] == 0.1
+    assert comp["down_error_after"] < comp["down_error_before"]
+    model, _, _ = amp.load_pruned(out)    # a plain checkpoint: the refit changes values, not shapes
+    assert model.config.intermediate_size < 96
+    assert main(["prune", str(tiny_llama_dir), "--ratio", "0.3", "--out", str(tmp_path / "x"), "--teacher",
+                 str(tiny_llama_dir)]) == 2
+    assert "add --recover" in capsys.readouterr().err
