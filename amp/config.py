@@ -30,8 +30,8 @@ class PruneConfig:
     ratio: float | None = None       # fraction of the WHOLE model's parameters to remove
     iteration: int | None = None     # or: remove this many decoder layers' worth of parameters (paper's flag)
     criterion: str = "amp"
-    calib: str = "alpaca"            # alpaca | wikitext2 | c4 | path to .txt / .json / .jsonl
-    nsamples: int = 128
+    calib: str = "c4"                # c4 | alpaca | wikitext2 | path to .txt / .json / .jsonl (measured default)
+    nsamples: int | None = None      # default: 64 windows of a text corpus, 128 prompts of a prompt set
     seqlen: int = 512                # window length for text corpora, truncation length for prompts
     batch_size: int = 8
     seed: int = 0
@@ -67,7 +67,7 @@ class PruneConfig:
         if self.sequential and self.criterion in DATA_FREE:
             raise AmpError(f"--sequential recalibrates on pruned outputs; criterion {self.criterion!r} uses no "
                            "calibration data")
-        if self.nsamples < 1:
+        if self.nsamples is not None and self.nsamples < 1:
             raise AmpError(f"--nsamples must be at least 1, got {self.nsamples}")
         if self.seqlen < 2:
             raise AmpError(f"--seqlen must be at least 2, got {self.seqlen}")

@@ -1,7 +1,8 @@
 """Calibration data: Alpaca prompts as the paper formats them, or text corpora cut into fixed windows.
 
 Sources: `alpaca`, `wikitext2`, `c4` (looked up in the data folder: --data-dir, $AMP_DATA_DIR, or the
-repository's ../shared/data; `alpaca` falls back to the sample bundled in the package), or a user's file:
+repository's ../shared/data; `alpaca` and `c4` fall back to the samples bundled in the package: 256 Alpaca
+records, and the first 506 documents (1.1 M characters) of the C4 validation subset), or a user's file:
 .txt (plain text), .json (a list of Alpaca records), .jsonl (rows with `text`, or Alpaca records).
 Sampling is deterministic for a seed.
 """
@@ -17,7 +18,10 @@ import torch
 
 from .errors import AmpError
 
-BUNDLED_ALPACA = Path(__file__).parent / "resources" / "alpaca_sample.json"
+BUNDLED = {"alpaca": Path(__file__).parent / "resources" / "alpaca_sample.json",
+           "c4": Path(__file__).parent / "resources" / "c4_sample.jsonl"}
+# Default sample counts: Alpaca prompts are short (about 22 tokens each), text corpora are cut into windows.
+DEFAULT_PROMPTS, DEFAULT_WINDOWS = 128, 64
 _CORPUS_FILES = {"alpaca": "text/alpaca_5000.json", "wikitext2": "text/wikitext2_test.txt",
                  "c4": "text/c4_validation_2k.jsonl"}
 
@@ -47,8 +51,8 @@ def resolve_source(source: str, data_dir: str | os.PathLike | None = None) -> Pa
         path = base / _CORPUS_FILES[source] if base else None
         if path is not None and path.is_file():
             return path
-        if source == "alpaca":
-            return BUNDLED_ALPACA
+        if source in BUNDLED:
+            return BUNDLED[source]
         raise AmpError(f"calibration set {source!r} not found: expected {_CORPUS_FILES[source]} under "
                        f"{base or 'a data folder'} (set --data-dir or AMP_DATA_DIR)")
     path = Path(source)
@@ -99,10 +103,13 @@ def _read_records(path: Path) -> tuple[list[str], bool]:
     raise AmpError(f"{path}: rows must all have a 'text' field or Alpaca 'instruction' fields")
 
 
-def load_calibration(tokenizer, source: str = "alpaca", nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+def load_calibration(tokenizer, source: str = "c4", nsamples: int | None = None, seqlen: int = 512, seed: int = 0,
                      data_dir: str | os.PathLike | None = None) -> Calibration:
+    """`nsamples` prompts (default 128) of a prompt set, or windows of `seqlen` tokens (default 64) of a text."""
     path = resolve_source(source, data_dir)
     texts, is_prompts = _read_records(path)
+    if nsamples is None:
+        nsamples = DEFAULT_PROMPTS if is_prompts else DEFAULT_WINDOWS
     rng = random.Random(seed)
     name = source if source in _CORPUS_FILES else str(path)
     if is_prompts:

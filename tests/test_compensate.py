@@ -203,3 +203,14 @@ def test_cli_prunes_with_refit_and_sequential_streamed(tiny_llama_dir, tmp_path,
     assert main(["prune", str(tiny_llama_dir), "--ratio", "0.3", "--out", str(tmp_path / "x"), "--teacher",
                  str(tiny_llama_dir)]) == 2
     assert "add --recover" in capsys.readouterr().err
+
+
+def test_default_calibration_is_c4_windows_with_a_bundled_fallback(tmp_path, tokenizer):
+    from amp.data import BUNDLED, load_calibration, resolve_source
+    config = amp.PruneConfig(ratio=0.2)
+    assert config.calib == "c4" and config.nsamples is None and config.compensate == "auto"
+    assert resolve_source("c4", tmp_path) == BUNDLED["c4"]          # no data folder: the packaged sample
+    cal = load_calibration(tokenizer, "c4", None, 512, 0, tmp_path)
+    assert len(cal.samples) == 64 and all(len(s) == 512 for s in cal.samples)
+    prompts = load_calibration(tokenizer, "alpaca", None, 512, 0, tmp_path)
+    assert len(prompts.samples) == 128
