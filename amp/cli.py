@@ -58,8 +58,10 @@ def _prune_parser(sub):
                         "flap, else the measured default)")
     p.add_argument("--damp", type=float, default=0.01,
                    help="refit damping, relative to the mean diagonal of the input Gram matrix")
-    p.add_argument("--sequential", action="store_true",
-                   help="calibrate each layer on the outputs of the already-pruned layers before it")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate each layer on the outputs of the already-pruned layers before it (default: on "
+                        "when calibration data is used); --no-sequential: on the dense model's outputs, as the "
+                        "paper does")
     p.add_argument("--recover", action="store_true",
                    help="then fine-tune (LoRA, and distillation when --teacher is given) into the same --out")
     _recovery_flags(p, prefix="recover-")

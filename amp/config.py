@@ -47,7 +47,8 @@ class PruneConfig:
     depth_range: tuple = (0.5, 1.5)  # depth allocation: the first and last layer's share, times the uniform share
     compensate: str = "auto"         # none | bias | refit | bias+refit (auto: bias for flap, else the measured best)
     damp: float = 0.01               # refit damping, relative to the mean diagonal of the Gram matrix
-    sequential: bool = False         # calibrate each layer on the outputs of the already-pruned layers
+    sequential: bool | None = None   # calibrate each layer on the outputs of the already-pruned layers
+                                     # (default: yes wherever calibration data is used; measured)
 
     def __post_init__(self):
         if (self.ratio is None) == (self.iteration is None):
@@ -64,6 +65,8 @@ class PruneConfig:
             raise AmpError(f"--damp must be a positive number, got {self.damp}")
         if self.compensate == "auto" and self.criterion == "flap":
             object.__setattr__(self, "compensate", "bias")
+        if self.sequential is None:
+            object.__setattr__(self, "sequential", self.criterion not in DATA_FREE)
         if self.sequential and self.criterion in DATA_FREE:
             raise AmpError(f"--sequential recalibrates on pruned outputs; criterion {self.criterion!r} uses no "
                            "calibration data")

@@ -27,7 +27,7 @@ def test_wanda_sp_scores_equal_formula(family):
     model = make_tiny(family)
     samples = random_calibration(n=5)
     spec, geom, o_in, down_in, weights = _direct(model, samples)
-    report = amp.prune_(model, amp.PruneConfig(ratio=0.3, criterion="wanda-sp", batch_size=2), samples,
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.3, criterion="wanda-sp", batch_size=2, sequential=False), samples,
                         progress=False)
     for i, kept in enumerate(report["layers"]):
         w_o, w_down = weights[i]
@@ -45,7 +45,7 @@ def test_flap_scores_equal_formula(family):
     model = make_tiny(family)
     samples = random_calibration(n=5)
     spec, geom, o_in, down_in, weights = _direct(model, samples)
-    report = amp.prune_(model, amp.PruneConfig(ratio=0.3, criterion="flap", batch_size=3), samples, progress=False)
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.3, criterion="flap", batch_size=3, sequential=False), samples, progress=False)
     for i, kept in enumerate(report["layers"]):
         w_o, w_down = weights[i]
         x, a = o_in[i].double(), down_in[i].double()
@@ -62,7 +62,7 @@ def test_flap_compensation_keeps_output_on_calibration_mean(family):
     samples = random_calibration(n=6)
     spec, geom, o_in, down_in, _ = _direct(model, samples)
     dense = copy.deepcopy(model)
-    report = amp.prune_(model, amp.PruneConfig(ratio=0.35, criterion="flap", batch_size=2), samples,
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.35, criterion="flap", batch_size=2, sequential=False), samples,
                         progress=False)
     assert report["per_layer"]["heads"][1] < geom.num_heads
     for i, kept in enumerate(report["layers"]):

@@ -40,7 +40,7 @@ def test_refit_equals_lstsq_on_captured_inputs(family, mode):
     o_in, down_in = captured_inputs(model, samples, spec.o), captured_inputs(model, samples, spec.down)
     dense = copy.deepcopy(model)
     damp = 0.05
-    report = amp.prune_(model, amp.PruneConfig(ratio=0.4, compensate=mode, damp=damp, batch_size=3), samples,
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.4, compensate=mode, damp=damp, batch_size=3, sequential=False), samples,
                         progress=False)
     assert report["compensation"]["mode"] == mode
     with_bias = "bias" in mode
@@ -79,7 +79,7 @@ def test_bias_keeps_output_on_calibration_mean(family):
     samples = random_calibration(n=6)
     o_in, down_in = captured_inputs(model, samples, spec.o), captured_inputs(model, samples, spec.down)
     dense = copy.deepcopy(model)
-    report = amp.prune_(model, amp.PruneConfig(ratio=0.35, compensate="bias", batch_size=2), samples,
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.35, compensate="bias", batch_size=2, sequential=False), samples,
                         progress=False)
     assert report["compensation"]["mode"] == "bias"
     for i, kept in enumerate(report["layers"]):
@@ -208,7 +208,8 @@ def test_cli_prunes_with_refit_and_sequential_streamed(tiny_llama_dir, tmp_path,
 def test_default_calibration_is_c4_windows_with_a_bundled_fallback(tmp_path, tokenizer):
     from amp.data import BUNDLED, load_calibration, resolve_source
     config = amp.PruneConfig(ratio=0.2)
-    assert config.calib == "c4" and config.nsamples is None and config.compensate == "auto"
+    assert config.calib == "c4" and config.nsamples is None and config.compensate == "auto" and config.sequential
+    assert not amp.PruneConfig(ratio=0.2, criterion="random").sequential   # no data, nothing to recalibrate
     assert resolve_source("c4", tmp_path) == BUNDLED["c4"]          # no data folder: the packaged sample
     cal = load_calibration(tokenizer, "c4", None, 512, 0, tmp_path)
     assert len(cal.samples) == 64 and all(len(s) == 512 for s in cal.samples)
