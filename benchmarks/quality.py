@@ -139,7 +139,7 @@ def _recipe(text: str, tokenizer, data_dir, seed: int):
     import amp
     steps, _, cal = text.partition("@")
     source, _, n = (cal or "alpaca:128").partition(":")
-    fields, recovery = {"compensate": "none"}, None
+    fields, recovery = {"compensate": "none", "sequential": False}, None  # every step explicit
     for step in steps.split("+"):
         if step in ("lora", "kd"):
             recovery = step
