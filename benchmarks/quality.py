@@ -72,8 +72,9 @@ def main():
     if args.recipes:
         variants = [_recipe(r, tokenizer, data_dir, args.seed) for r in args.recipes.split(",")]
     else:
-        variants = [(m, dict(allocation=m.split("/")[0], heads=m.split("/")[1]), calib, None)
-                    for m in args.modes.split(",")] if args.modes else \
+        # the allocation tables keep the first-built recipe (dense statistics, no compensation): comparable rows
+        variants = [(m, dict(allocation=m.split("/")[0], heads=m.split("/")[1], sequential=False, compensate="none"),
+                     calib, None) for m in args.modes.split(",")] if args.modes else \
             [(c, dict(criterion=c), calib, None) for c in args.criteria.split(",")]
     for ratio in map(float, args.ratios.split(",")):
         for label, fields, cal, recovery in variants:
