@@ -52,17 +52,19 @@ class _InputCatcher(nn.Module):
 def make_batches(samples: list[torch.Tensor], batch_size: int, pad_id: int):
     """Right-padded batches (longest first, to waste little on padding): (input_ids, attention_mask)."""
     order = sorted(range(len(samples)), key=lambda i: -len(samples[i]))
-    batches = []
-    for start in range(0, len(order), batch_size):
-        group = [samples[i] for i in order[start:start + batch_size]]
-        width = max(len(s) for s in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, s in enumerate(group):
-            ids[row, :len(s)] = s
-            mask[row, :len(s)] = 1
-        batches.append((ids, mask))
-    return batches
+    return [pad_right([samples[i] for i in order[start:start + batch_size]], pad_id)
+            for start in range(0, len(order), batch_size)]
+
+
+def pad_right(group: list[torch.Tensor], pad_id: int):
+    """One right-padded batch of 1-D token tensors: (input_ids, attention_mask)."""
+    width = max(len(s) for s in group)
+    ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(group), width), dtype=torch.long)
+    for row, s in enumerate(group):
+        ids[row, :len(s)] = s
+        mask[row, :len(s)] = 1
+    return ids, mask
 
 
 def _to(obj, device):
@@ -258,7 +260,8 @@ class _Run:
         with self.timer.phase("calibrate"):
             return observe_layer(layer, self.spec, self.geom, self.config, self.store, self.extras, self.masks,
                                  self.to_device, getattr(self.model.config, "hidden_act", None), self.generator,
-                                 self.token_mask, sensitivity, gram=gram, propagate=dense, means=self.bias)
+                                 self.token_mask, sensitivity, gram=gram, propagate=dense,
+                                 means=self.bias and not self.refit)  # bias+refit: the Gram's affine fit
 
     def decide_refit(self, tokens: int) -> str | None:
         """--compensate auto: a refit when every refit projection gets enough calibration tokens per input

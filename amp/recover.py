@@ -136,17 +136,10 @@ def epoch_batches(samples: list[torch.Tensor], batch_size: int, seed: int, epoch
     chunk = 64 * batch_size
     order = [i for start in range(0, len(order), chunk)
              for i in sorted(order[start:start + chunk], key=lambda i: -len(samples[i]))]
+    from .pipeline import pad_right
     groups = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     rng.shuffle(groups)
-    batches = []
-    for group in groups:
-        width = max(len(samples[i]) for i in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, i in enumerate(group):
-            ids[row, :len(samples[i])], mask[row, :len(samples[i])] = samples[i], 1
-        batches.append((ids, mask))
-    return batches
+    return [pad_right([samples[i] for i in group], pad_id) for group in groups]
 
 
 # ---------------------------------------------------------------- losses
@@ -393,8 +386,8 @@ def recover_checkpoint(pruned_dir, out, config: RecoverConfig, teacher: str | No
     texts = training_texts(config.data, data_dir)           # a bad data file fails before any model is read
     if resume and not checkpoint_path(out).is_file():
         raise AmpError(f"--resume: no checkpoint at {checkpoint_path(out)} (run without --resume to start afresh)")
-    stored = json.loads((folder / "config.json").read_text()).get("dtype") or \
-        json.loads((folder / "config.json").read_text()).get("torch_dtype") or "float32"
+    saved_config = json.loads((folder / "config.json").read_text())
+    stored = saved_config.get("dtype") or saved_config.get("torch_dtype") or "float32"
     train_dtype = dtype if dtype != "auto" else ("bfloat16" if config.device == "cuda" else "float32")
     model, tokenizer, report = load_pruned(folder, train_dtype, "cpu")
     if tokenizer is None:
