@@ -127,7 +127,7 @@ def main():
         earlier = json.loads(json_path.read_text()).get("results", {})
         results = {**earlier, **results}
     json_path.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
-    _plot(rows, _path(args.out) / f"{name}.png", args)
+    _plot(rows_of(results, args.seqlen), _path(args.out) / f"{name}.png", args)  # every run in the file
     print("\n".join(summary))
 
 
@@ -185,6 +185,15 @@ def _row(criterion, ratio, achieved, r, seqlen):
         row[t] = r["tasks"][t][r["metric"][t]] if t in r["tasks"] else ""
     row["avg"] = r["averages"].get("evaluated", {}).get("value", float("nan"))
     return row
+
+
+def rows_of(results: dict, seqlen: int) -> list[dict]:
+    """Table rows from a results file's entries (keyed LABEL@RATIO, or "dense")."""
+    rows = []
+    for key, r in results.items():
+        label, ratio = key.rsplit("@", 1) if "@" in key else (key, "0")
+        rows.append(_row(label, float(ratio), float("nan"), r, seqlen))
+    return rows
 
 
 def _ranking(rows, reference: str):
