@@ -81,33 +81,47 @@ def read_jsonl(path: Path, expected: str = "") -> list[tuple[int, object]]:
     return rows
 
 
-def _read_records(path: Path) -> tuple[list[str], bool]:
-    """(texts, is_prompts): prompts are used one per sample, text is concatenated and windowed."""
+def read_records(path: Path, with_response: bool = False) -> tuple[list[str], bool]:
+    """(texts, are_alpaca) of a data file, for calibration and recovery alike. `.json`: a list of records;
+    `.jsonl`: one record per line; any other file: plain text (one text). A record is Alpaca (`instruction`,
+    `input`: the prompt as the paper formats it, and with `with_response` its `output` after it) or a row with
+    `text`, all of one kind. A bad record is named by file:line (`.jsonl`) or file:record number (`.json`)."""
     try:
         if path.suffix == ".json":
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise AmpError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(rows, list):
-                raise AmpError(f"{path}: expected a JSON list of Alpaca records")
+                raise AmpError(f"{path}: expected a JSON list of records")
+            numbered, where = list(enumerate(rows, 1)), "record"
         elif path.suffix == ".jsonl":
-            rows = [row for _, row in read_jsonl(path)]
+            numbered, where = read_jsonl(path), "line"
         else:
             return [path.read_text(encoding="utf-8")], False
     except UnicodeDecodeError:
         raise AmpError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise AmpError(f"{path}: not valid JSON ({e.msg})") from None
-    if rows and all(isinstance(r, dict) and "instruction" in r for r in rows):
-        return [alpaca_prompt(r) for r in rows], True
-    if all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
-        return [r["text"] for r in rows], False
-    raise AmpError(f"{path}: rows must all have a 'text' field or Alpaca 'instruction' fields")
+    texts, kind = [], None
+    for n, row in numbered:
+        if isinstance(row, dict) and isinstance(row.get("instruction"), str):
+            this = "Alpaca"
+            texts.append(alpaca_prompt(row) + (f" {str(row.get('output', '')).strip()}" if with_response else ""))
+        elif isinstance(row, dict) and isinstance(row.get("text"), str):
+            this = "text"
+            texts.append(row["text"])
+        else:
+            raise AmpError(f"{path}:{n}: {where} {n} has neither Alpaca 'instruction' fields nor a 'text' field")
+        if kind is not None and this != kind:
+            raise AmpError(f"{path}:{n}: {where} {n} is a {this} record among {kind} records; use one kind per file")
+        kind = this
+    return texts, kind == "Alpaca"
 
 
 def load_calibration(tokenizer, source: str = "c4", nsamples: int | None = None, seqlen: int = 512, seed: int = 0,
                      data_dir: str | os.PathLike | None = None) -> Calibration:
     """`nsamples` prompts (default 128) of a prompt set, or windows of `seqlen` tokens (default 64) of a text."""
     path = resolve_source(source, data_dir)
-    texts, is_prompts = _read_records(path)
+    texts, is_prompts = read_records(path)
     if nsamples is None:
         nsamples = DEFAULT_PROMPTS if is_prompts else DEFAULT_WINDOWS
     rng = random.Random(seed)

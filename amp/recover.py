@@ -69,43 +69,15 @@ class RecoverConfig:
 # ---------------------------------------------------------------- data
 
 def training_texts(source: str, data_dir=None) -> list[str]:
-    """Alpaca records as prompt + response (the calibration prompt format), or text rows / a text file."""
-    import json
-
-    from .data import alpaca_prompt, read_jsonl, resolve_source
+    """Alpaca records as prompt + response (the calibration prompt format), text rows, or a text file's
+    paragraphs."""
+    from .data import read_records, resolve_source
     path = resolve_source(source, data_dir)
-    try:
-        if path.suffix == ".json":
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise AmpError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rows, list):
-                raise AmpError(f"{path}: expected a JSON list of Alpaca records")
-            numbered = list(enumerate(rows, 1))
-            where = "record"
-        elif path.suffix == ".jsonl":
-            numbered, where = read_jsonl(path), "line"
-        else:
-            text = path.read_text(encoding="utf-8")
-            paragraphs = [p for p in text.split("\n\n") if p.strip()]
-            if not paragraphs:
-                raise AmpError(f"{path}: the recovery data file is empty")
-            return paragraphs
-    except UnicodeDecodeError:
-        raise AmpError(f"{path}: not UTF-8 text") from None
-    if not numbered:
-        raise AmpError(f"{path}: the recovery data file is empty")
-    texts = []
-    for n, row in numbered:
-        if isinstance(row, dict) and isinstance(row.get("instruction"), str):
-            texts.append(f"{alpaca_prompt(row)} {str(row.get('output', '')).strip()}")
-        elif isinstance(row, dict) and isinstance(row.get("text"), str):
-            texts.append(row["text"])
-        else:
-            raise AmpError(f"{path}:{n}: {where} {n} has neither Alpaca 'instruction' fields nor a 'text' field")
+    texts, _ = read_records(path, with_response=True)
+    if path.suffix not in (".json", ".jsonl"):
+        texts = [p for p in texts[0].split("\n\n") if p.strip()]
     if not any(t.strip() for t in texts):
-        raise AmpError(f"{path}: every record is empty")
+        raise AmpError(f"{path}: the recovery data file is empty" if not texts else f"{path}: every record is empty")
     return texts
 
 

@@ -83,6 +83,12 @@ BAD = {
                                        "--seqlen", 64], "too short"),
     "bad_jsonl": (lambda t, m: [m, "--ratio", 0.2, "--calib", _calib_file(t, "b.jsonl", '{"text": "ok"}\n{oops\n')],
                   "b.jsonl:2"),
+    "json_record_without_text": (lambda t, m: [m, "--ratio", 0.2, "--calib", _calib_file(
+        t, "r.json", '[{"instruction": "a", "input": ""},\n {"prompt": "b"}]')], "r.json:2: record 2"),
+    "mixed_record_kinds": (lambda t, m: [m, "--ratio", 0.2, "--calib", _calib_file(
+        t, "m.jsonl", '{"instruction": "a", "input": ""}\n{"text": "b"}\n')], "m.jsonl:2"),
+    "bad_json_names_line": (lambda t, m: [m, "--ratio", 0.2, "--calib", _calib_file(t, "j.json", '[\n{"x": 1},\n{oops\n')],
+                            "j.json:3"),
     "cuda_without_cuda": (lambda t, m: [m, "--ratio", 0.2, "--device", "cuda"], "CUDA"),
 }
 
