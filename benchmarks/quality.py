@@ -233,8 +233,9 @@ def _plot(rows, path, args):
     ax2.set(xlabel="parameters removed (%)", ylabel="WikiText-2 perplexity (log)", yscale="log",
             title=f"{args.ppl_windows} windows x {args.seqlen} tokens")
     ax1.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct, structured pruning" + (" (AMP, allocation/heads)" if args.modes else
-                                                                 ", uniform allocation"))
+    fig.suptitle("SmolLM2-135M-Instruct, structured pruning" + (
+        " (AMP, allocation/heads)" if args.modes else " (AMP, recipes STEPS@CALIBRATION:SAMPLES)"
+        if getattr(args, "recipes", None) else ", uniform allocation"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
