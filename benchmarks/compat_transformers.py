@@ -5,9 +5,10 @@
 Why: per-layer checkpoints patch transformers' decoder-layer classes (amp/heterogeneous.py) and the inference path
 registers an attention function, so a transformers release can break them while the project's own environment
 stays green; the GPU machine runs 5.17 while this one installs the newest. The version is installed beside the
-environment, not into it: `pip install --target ~/.cache/amp/compat/transformers-V` of the wheel alone, plus only
-those of its requirements that the environment does not satisfy (5.17 wants huggingface_hub < 2), and that folder
-goes first on PYTHONPATH of a pytest run. Everything else (torch, peft, lm-eval, tokenizers) is the environment's.
+environment, not into it: `pip install --target $AMP_CACHE_DIR/compat/transformers-V` (~/.cache/amp by default)
+of the wheel alone, plus only those of its requirements that the environment does not satisfy (5.17 wants
+huggingface_hub < 2), and that folder goes first on PYTHONPATH of a pytest run. Everything else (torch, peft,
+lm-eval, tokenizers) is the environment's.
 The results go to benchmarks/results/compat_transformers.md; the exit status is pytest's.
 """
 from __future__ import annotations
@@ -26,10 +27,10 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
+from amp.models import cache_dir
 from benchmarks.harness import record
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("AMP_CACHE", Path.home() / ".cache" / "amp")) / "compat"
 
 
 def _pip(*args: str) -> None:
@@ -59,12 +60,13 @@ def unmet_requirements(wheel: Path) -> list[str]:
 
 def install(version: str) -> tuple[Path, list[str]]:
     """The overlay folder for `version` (built once, staged and renamed) and what it overlays."""
-    target = CACHE / f"transformers-{version}"
+    cache = cache_dir() / "compat"
+    target = cache / f"transformers-{version}"
     overlay_list = target / "amp_overlay.txt"
     if overlay_list.exists():
         return target, overlay_list.read_text().split()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
         wheels, stage = Path(tmp) / "wheels", Path(tmp) / "stage"
         _pip("download", f"transformers=={version}", "--no-deps", "--only-binary", ":all:", "-d", str(wheels))
         wheel = next(wheels.glob("transformers-*.whl"))
