@@ -74,7 +74,9 @@ def _task_config(task_manager, task: str, data_dir: Path) -> dict:
 
 def run_zero_shot(model, tokenizer, tasks: list[str], data_dir: Path, limit: int | None = None,
                   batch_size: int = 8, device: str = "cpu") -> dict:
-    """{task: {"acc", "acc_norm" (None where undefined), "n"}} as fractions."""
+    """{task: {"acc", "acc_norm" (None where undefined), "n", "rows"}} as fractions; "rows" holds, per metric,
+    each evaluated row's 0/1 outcome as a string in row order, so that two models evaluated on the same rows can be
+    compared row by row (benchmarks/quality_paired.py)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise AmpError(f"unknown task {', '.join(unknown)}; known: {', '.join(SEVEN)}")
@@ -91,10 +93,18 @@ def run_zero_shot(model, tokenizer, tasks: list[str], data_dir: Path, limit: int
     manager = TaskManager(verbosity="ERROR")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     out = simple_evaluate(model=lm, tasks=[_task_config(manager, t, data_dir) for t in tasks], limit=limit,
-                          task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+                          task_manager=manager, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
     results = {}
     for t in tasks:
         r = out["results"][t]
         n = out.get("n-samples", {}).get(t, {}).get("effective")
-        results[t] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"), "n": n}
+        results[t] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"), "n": n,
+                      "rows": row_outcomes(out.get("samples", {}).get(t, []))}
     return results
+
+
+def row_outcomes(samples: list[dict]) -> dict[str, str]:
+    """{metric: "0110..."} over lm-eval's logged samples, ordered by row (doc_id)."""
+    ordered = sorted(samples, key=lambda s: s["doc_id"])
+    return {m: "".join("1" if s[m] else "0" for s in ordered)
+            for m in ("acc", "acc_norm") if ordered and all(m in s for s in ordered)}

@@ -86,6 +86,8 @@ def test_all_seven_tasks_end_to_end(eval_data, tiny_folder, tmp_path, capsys):
         assert scores["n"] == len(ROWS[task])
         assert 0.0 <= scores["acc"] <= 1.0
         assert (scores["acc_norm"] is None) == (task in ("boolq", "winogrande"))
+        for metric, bits in scores["rows"].items():  # per-row outcomes, for paired comparisons
+            assert len(bits) == scores["n"] and bits.count("1") / len(bits) == pytest.approx(scores[metric])
     assert set(result["perplexity"]) == {"wikitext2@32", "c4@32"}
     # Same model as its own baseline: every delta is zero, and both averages exist.
     assert result["averages"]["seven_task"]["value"] == result["baseline"]["averages"]["seven_task"]["value"]
@@ -95,11 +97,12 @@ def test_all_seven_tasks_end_to_end(eval_data, tiny_folder, tmp_path, capsys):
     # An independent computation of piqa's accuracy: the tiny model's own log-likelihoods of each solution.
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_folder), AutoTokenizer.from_pretrained(tiny_folder)
-    correct = 0
+    outcomes = ""
     for row in ROWS["piqa"]:
         lp = [_choice_logprob(model, tok, f"Question: {row['goal']}\nAnswer:", f" {s}") for s in (row["sol1"], row["sol2"])]
-        correct += int(lp.index(max(lp)) == row["label"])
-    assert result["tasks"]["piqa"]["acc"] == pytest.approx(correct / 3)
+        outcomes += str(int(lp.index(max(lp)) == row["label"]))
+    assert result["tasks"]["piqa"]["acc"] == pytest.approx(outcomes.count("1") / 3)
+    assert result["tasks"]["piqa"]["rows"]["acc"] == outcomes
 
 
 def test_limit_and_default_task_discovery(eval_data, tiny_folder, tmp_path):
