@@ -7,7 +7,7 @@ label in the file, against the reference label at the same ratio, this gives the
 of the four-task average without BoolQ (see quality_table.py), with a paired bootstrap 95 % interval (rows resampled
 per task, the same rows for both models) and the paired standard error. Pairing removes the variance of row
 difficulty that both models share, so the interval is narrower than the unpaired rule of thumb quality.md quotes
-(two standard errors of one average). Appends to benchmarks/results/<json>_paired.md.
+(two standard errors of one average). Appends to benchmarks/results/<json>_gaps.md.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def paired_gap(a: dict, b: dict, tasks: list[str], iters: int = 10_000, seed: in
         boot += d[rng.integers(0, len(d), size=(iters, len(d)))].mean(axis=1)
     boot /= len(diffs)
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"gap": 100 * gap, "se": 100 * se, "lo": 100 * lo, "hi": 100 * hi}
+    return {"gap": float(100 * gap), "se": float(100 * se), "lo": float(100 * lo), "hi": float(100 * hi)}
 
 
 def main():
@@ -70,7 +70,7 @@ def main():
                          "beyond_noise": "yes" if g["lo"] > 0 or g["hi"] < 0 else "no"})
     if not rows:
         raise SystemExit(f"error: no label to compare against {args.reference} at the same ratio")
-    record(f"{args.json}_paired", rows, [
+    record(f"{args.json}_gaps", rows, [
         f"Gap = model minus reference, in points of average accuracy over the same rows; paired bootstrap over rows "
         f"({args.iters:,} resamples per task). 'beyond_noise': the 95 % interval excludes zero."])
     for row in rows:

@@ -211,3 +211,13 @@ def test_a_transformers_too_old_for_per_layer_checkpoints(hetero_dir, monkeypatc
     monkeypatch.setattr(transformers, "__version__", "4.40.0")
     with pytest.raises(amp.AmpError, match=r"needs transformers >= 4\.57.*found 4\.40\.0"):
         amp.load_pruned(hetero_dir)
+
+
+def test_uniform_prune_from_30_percent_points_to_depth_allocation():
+    hint = "consider --allocation depth"
+    notes = {r: amp.prune_(make_tiny("llama_mha"), amp.PruneConfig(ratio=r), random_calibration(n=4),
+                           progress=False)["notes"] for r in (0.2, 0.3)}
+    assert not any(hint in n for n in notes[0.2]) and any(hint in n for n in notes[0.3])
+    depth = amp.prune_(make_tiny("llama_mha"), amp.PruneConfig(ratio=0.3, allocation="depth"),
+                       random_calibration(n=4), progress=False)
+    assert not any(hint in n for n in depth["notes"])
