@@ -17,8 +17,9 @@ import json
 import numpy as np
 
 from benchmarks.harness import RESULTS, record
+from benchmarks.quality import TASKS
 
-TASKS = ["boolq", "piqa", "winogrande", "arc_easy", "arc_challenge"]
+WITHOUT_BOOLQ = [t for t in TASKS if t != "boolq"]  # quality_table.py's four-task average
 
 
 def outcomes(result: dict, task: str) -> np.ndarray:
@@ -62,7 +63,7 @@ def main():
         if missing:
             raise SystemExit(f"error: {key} or its reference lacks per-row outcomes for {', '.join(missing)} "
                              "(evaluated before they were stored; run it again)")
-        for name, tasks in (("5-task", TASKS), ("4-task (no BoolQ)", TASKS[1:])):
+        for name, tasks in (("5-task", TASKS), ("4-task (no BoolQ)", WITHOUT_BOOLQ)):
             g = paired_gap(r, ref, tasks, args.iters)
             rows.append({"model": label, "reference": args.reference, "ratio": float(ratio), "average": name,
                          "gap_points": round(g["gap"], 2), "paired_se": round(g["se"], 2),

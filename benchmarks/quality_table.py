@@ -11,8 +11,7 @@ import argparse
 import json
 
 from benchmarks.harness import RESULTS, machine
-
-TASKS = ["boolq", "piqa", "winogrande", "arc_easy", "arc_challenge"]
+from benchmarks.quality import TASKS
 BOOLQ_YES_RATE = 0.63  # share of "true" labels in the first 500 validation rows (counted from the data file)
 
 
