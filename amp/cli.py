@@ -1,12 +1,21 @@
-"""`amp prune` and `amp info`: argument parsing and printing, no logic of its own."""
+"""The command line: `amp prune`, `amp recover`, `amp eval`, `amp generate`, `amp info`; argument parsing and
+printing, no logic of its own (every command calls the API below it; AmpError becomes one line and exit 2)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from .config import ALLOCATIONS, COMPENSATIONS, CRITERIA, DEVICES, DTYPES, HEADS, OFFLOADS
-from .errors import AmpError
+from .api import prune_checkpoint
+from .common.errors import AmpError
+from .io.folders import write_json_atomic
+from .io.info import describe
+from .prune.config import ALLOCATIONS, COMPENSATIONS, CRITERIA, DEVICES, DTYPES, HEADS, OFFLOADS, PruneConfig
+from .quality.evaluate import evaluate
+from .quality.generation import generate_text
+from .quality.table import markdown
+from .recover.config import RecoverConfig
+from .recover.run import recover_checkpoint
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,9 +98,6 @@ def _eval_parser(sub):
 
 
 def cmd_eval(args) -> int:
-    from .checkpoint import write_json_atomic
-    from .eval_report import markdown
-    from .evaluation import evaluate
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -122,7 +128,6 @@ def _generate_parser(sub):
 
 
 def cmd_generate(args) -> int:
-    from .generation import generate_text
     r = generate_text(args.model_dir, args.prompt, args.max_new_tokens, args.accelerate, args.device, args.dtype)
     print(r["text"])
     print(f"[{r['path']}: {r['new_tokens']} new tokens in {r['seconds']:.2f} s = {r['tokens_per_s']:.1f} tokens/s; "
@@ -150,7 +155,6 @@ def _recovery_flags(p, prefix: str = ""):
 
 
 def _recover_config(args, prefix: str = ""):
-    from .recover import RecoverConfig
     get = lambda name: getattr(args, (prefix + name).replace("-", "_"))  # noqa: E731
     return RecoverConfig(data=get("data"), steps=get("steps"), epochs=get("epochs"), tokens=get("tokens"),
                          lora_r=args.lora_r, lr=args.lr, seqlen=get("seqlen"), batch_size=get("batch-size"),
@@ -181,7 +185,6 @@ def _print_recovery(r: dict, out) -> None:
 
 
 def cmd_recover(args) -> int:
-    from .recover import recover_checkpoint
     report = recover_checkpoint(args.pruned_dir, args.out, _recover_config(args), args.teacher,
                                 data_dir=args.data_dir, overwrite=args.overwrite, resume=args.resume,
                                 progress=not args.quiet, dtype=args.dtype)
@@ -203,8 +206,6 @@ def _pair(text: str) -> tuple[float, float]:
 
 
 def cmd_prune(args) -> int:
-    from .api import prune_checkpoint
-    from .config import PruneConfig
     config = PruneConfig(ratio=args.ratio, iteration=args.iteration, criterion=args.criterion, calib=args.calib,
                          nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed,
                          device=args.device, dtype=args.dtype, compute_dtype=args.compute_dtype,
@@ -258,7 +259,6 @@ def cmd_prune(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .info import describe
     print(describe(args.folder))
     return 0
 

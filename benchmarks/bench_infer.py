@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import amp
-from amp.stream import cpu_bf16_flag
+from amp.common.dtypes import cpu_bf16_flag
 from benchmarks.harness import RESULTS, gpu_ms, record, timed
 
 LAYER_SHAPES = {
@@ -56,7 +56,7 @@ def layer_models(device, dtype):
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from amp import allocate
+    from amp.prune import allocate
     from amp.arch import Geometry, spec_for
     out = {}
     for name, shape in LAYER_SHAPES.items():
@@ -150,7 +150,7 @@ def kernel_rows(device):
     import torch.nn.functional as F
 
     import amp_kernels
-    from amp.inference import indexed_attention
+    from amp.runtime.attention import indexed_attention
     rows = []
     dt = torch.bfloat16
     for t in (512, 2048):

@@ -24,7 +24,7 @@ def _rss_mb() -> float:
 
 
 def _setup(args):
-    from amp import data, models
+    from amp.io import calibration as data, models
     start = time.perf_counter()
     model, tokenizer, _ = models.load_model(None, args.dtype)
     load_s = time.perf_counter() - start
@@ -36,8 +36,8 @@ def _setup(args):
 
 def worker_prune(args) -> dict:
     from amp import PruneConfig, prune_
-    from amp.checkpoint import save_pruned
-    from amp.profiling import PhaseTimer
+    from amp.io.folders import save_pruned
+    from amp.common.profiling import PhaseTimer
     model, tokenizer, calib, pad, load_s = _setup(args)
     config = PruneConfig(ratio=args.ratio, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
                          device=args.device, dtype=args.dtype)
@@ -62,7 +62,7 @@ def worker_prune(args) -> dict:
 
 @torch.no_grad()
 def worker_forward(args) -> dict:
-    from amp.pipeline import make_batches
+    from amp.io.calibration import make_batches
     from benchmarks.harness import timed
     model, _, calib, pad, _ = _setup(args)
     batches = [(i.to(args.device), m.to(args.device)) for i, m in make_batches(calib.samples, args.batch_size, pad)]
@@ -128,7 +128,7 @@ def main():
         print(json.dumps(fn(args)))
         return
     argv = [a for a in sys.argv[1:]]
-    from amp.models import default_model_dir
+    from amp.io.models import default_model_dir
     default_model_dir()  # build the cache once, outside every measurement
     # Alternate the kinds, so that a noisy neighbour on this shared machine hits them alike.
     prune, forward, paper = (run_worker(k, argv) for k in ("prune", "forward", "paper"))

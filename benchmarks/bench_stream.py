@@ -38,7 +38,7 @@ def synthetic_checkpoint(folder: Path, layers: int) -> tuple[Path, float | None]
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from amp.safetensors_io import ShardWriter
+    from amp.io.safetensors_io import ShardWriter
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny_models import tiny_tokenizer  # a byte-level tokenizer: ids stay far below the vocabulary
 
@@ -101,7 +101,7 @@ def main():
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--skip-in-memory", action="store_true", help="only the streamed prune (hosts with little RAM)")
     args = p.parse_args()
-    from amp.models import cache_dir
+    from amp.io.models import cache_dir
     folder = Path(args.cache or cache_dir() / "bench" / f"llama2-7b-shapes-{args.layers}L-bf16")
     folder, gen_s = synthetic_checkpoint(folder, args.layers)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))

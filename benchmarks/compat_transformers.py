@@ -2,7 +2,7 @@
 
     python -m benchmarks.compat_transformers 5.17.0 [--no-record] [-- PYTEST ARGUMENTS]
 
-Why: per-layer checkpoints patch transformers' decoder-layer classes (amp/heterogeneous.py) and the inference path
+Why: per-layer checkpoints patch transformers' decoder-layer classes (amp/runtime/per_layer.py) and the runtime
 registers an attention function, so a transformers release can break them while the project's own environment
 stays green; the GPU machine runs 5.17 while this one installs the newest. The version is installed beside the
 environment, not into it: `pip install --target $AMP_CACHE_DIR/compat/transformers-V` (~/.cache/amp by default)
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from amp.models import cache_dir
+from amp.io.models import cache_dir
 from benchmarks.harness import record
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -48,8 +48,9 @@ def main():
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     import amp
-    from amp.data import default_data_dir
-    from amp.evaluation import corpus_text, evaluate_model
+    from amp.io.calibration import default_data_dir
+    from amp.quality.evaluate import evaluate_model
+    from amp.quality.perplexity import corpus_text
     data_dir = args.data_dir or default_data_dir()
     tasks = [] if args.tasks == "none" else args.tasks.split(",")
     dense, tokenizer, _ = amp.load_model(None)
@@ -160,7 +161,7 @@ _CALIBRATIONS: dict = {}
 
 
 def _recover(model, dense, tokenizer, kind: str, args, data_dir) -> dict:
-    from amp.recover import RecoverConfig, recover_model
+    from amp import RecoverConfig, recover_model
     config = RecoverConfig(tokens=args.recover_tokens, seqlen=args.recover_seqlen, lr=args.recover_lr,
                            kd_weight=0.5 if kind == "kd" else 0.0, checkpoint_every=0)
     result = recover_model(model, tokenizer, config, teacher=dense if kind == "kd" else None, data_dir=data_dir,

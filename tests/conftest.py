@@ -53,7 +53,7 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real bundled model, dequantized once into the AMP cache."""
-    from amp.models import default_model_dir
+    from amp.io.models import default_model_dir
     return default_model_dir()
 
 

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 import amp
 from amp.arch import Geometry, spec_for
-from amp.checkpoint import save_pruned
+from amp.io.folders import save_pruned
+from amp.prune import criteria
 from conftest import random_calibration
 from test_scores import captured_inputs
 from tiny_models import make_tiny, tiny_tokenizer
@@ -36,7 +37,7 @@ def test_wanda_sp_scores_equal_formula(family):
         head = (w_o.abs() * x.norm(dim=0)).mean(0).view(geom.num_heads, geom.head_dim).sum(1)
         torch.testing.assert_close(torch.tensor(kept["head_scores"]), head.float(), rtol=1e-4, atol=1e-7)
         neuron = (w_down.abs() * a.norm(dim=0)).mean(0)
-        want = amp.criteria.keep_top(neuron.float(), len(kept["kept_neurons"]))
+        want = criteria.keep_top(neuron.float(), len(kept["kept_neurons"]))
         assert kept["kept_neurons"] == want.tolist()
 
 
@@ -53,7 +54,7 @@ def test_flap_scores_equal_formula(family):
         head = (x.var(dim=0) * w_o.square().sum(0)).view(geom.num_heads, geom.head_dim).sum(1)
         torch.testing.assert_close(torch.tensor(kept["head_scores"]), head.float(), rtol=1e-4, atol=1e-7)
         neuron = a.var(dim=0) * w_down.square().sum(0)
-        assert kept["kept_neurons"] == amp.criteria.keep_top(neuron.float(), len(kept["kept_neurons"])).tolist()
+        assert kept["kept_neurons"] == criteria.keep_top(neuron.float(), len(kept["kept_neurons"])).tolist()
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "phi_mha"])

@@ -7,7 +7,7 @@ import torch
 
 import amp
 from amp.arch import Geometry, spec_for
-from amp.errors import AmpError
+from amp import AmpError
 from conftest import random_calibration
 from test_exactness import masked_reference
 from test_scores import captured_inputs
@@ -206,7 +206,7 @@ def test_cli_prunes_with_refit_and_sequential_streamed(tiny_llama_dir, tmp_path,
 
 
 def test_default_calibration_is_c4_windows_with_a_bundled_fallback(tmp_path, tokenizer):
-    from amp.data import BUNDLED, load_calibration, resolve_source
+    from amp.io.calibration import BUNDLED, load_calibration, resolve_source
     config = amp.PruneConfig(ratio=0.2)
     assert config.calib == "c4" and config.nsamples is None and config.compensate == "auto" and config.sequential
     assert not amp.PruneConfig(ratio=0.2, criterion="random").sequential   # no data, nothing to recalibrate

@@ -121,7 +121,7 @@ def test_refit_and_recovery_on_cuda_match_cpu():
     assert [x["kept_neurons"] for x in rep_cpu["layers"]] == [x["kept_neurons"] for x in rep_gpu["layers"]]
     for a, b in zip(cpu.parameters(), gpu.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
-    from amp.recover import RecoverConfig, recover_model
+    from amp import RecoverConfig, recover_model
     data = [torch.randint(2, 10, (24,), generator=torch.Generator().manual_seed(i)) for i in range(16)]
     result = recover_model(gpu.to(torch.bfloat16), None, RecoverConfig(steps=10, lr=1e-2, batch_size=4,
                                                                         device="cuda", checkpoint_every=0),

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amp.cli import main
 import amp
-from amp.evaluation import perplexity
+from amp.quality.perplexity import perplexity
 from test_cli import _not_causal, assert_clean_failure, run_cli
 from tiny_models import make_tiny, save_tiny
 

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import amp
-import amp.inference as inference
+import amp.runtime.attention as inference
 from conftest import random_calibration
 from test_cli import assert_clean_failure, run_cli
 from tiny_models import make_tiny, save_tiny

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import amp
-from amp import budget, heterogeneous
+from amp.prune import budget
+from amp.runtime import per_layer
 from conftest import random_calibration
 from test_cli import assert_clean_failure, run_cli
 from test_exactness import masked_reference
@@ -116,11 +117,11 @@ def test_heterogeneous_checkpoint_round_trip(family, tmp_path, data_dir):
     assert [l["kept_heads"] for l in report["layers"]] == [l["kept_heads"] for l in memory["layers"]]
     saved = json.loads((tmp_path / "stream" / "config.json").read_text())
     shapes = [(len(l["kept_heads"]), len(l["kept_kv_heads"]), len(l["kept_neurons"])) for l in report["layers"]]
-    if len(set(shapes)) > 1 or any(heterogeneous.is_uneven({"num_attention_heads": a, "num_key_value_heads": b,
+    if len(set(shapes)) > 1 or any(per_layer.is_uneven({"num_attention_heads": a, "num_key_value_heads": b,
                                                             "head_map": l["head_map"]})
                                    for (a, b, _), l in zip(shapes, report["layers"])):
         assert [(e["num_attention_heads"], e["num_key_value_heads"], e["intermediate_size"])
-                for e in saved[heterogeneous.KEY]] == shapes
+                for e in saved[per_layer.KEY]] == shapes
     ids = _ids()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
     pruned, _, rep = amp.load_pruned(tmp_path / "memory")
@@ -151,7 +152,7 @@ def test_amp_eval_and_info_on_a_heterogeneous_checkpoint(tmp_path, data_dir, cap
                                 "--nsamples", 4, "--seqlen", 32, "--quiet")
     assert code == 0, err
     assert "per layer (depth, query heads)" in stdout
-    assert heterogeneous.KEY in json.loads((out / "config.json").read_text())
+    assert per_layer.KEY in json.loads((out / "config.json").read_text())
     code, stdout, _ = run_cli(capsys, "info", out)
     assert code == 0 and "per layer (query heads/kv heads/neurons)" in stdout
     from test_evaluate import ROWS
@@ -168,7 +169,7 @@ def test_a_uniform_group_prune_stays_a_plain_config(tmp_path, data_dir):
     src = save_tiny(make_tiny("mistral_gqa"), tmp_path / "dense")
     amp.prune_checkpoint(str(src), amp.PruneConfig(ratio=0.3, **TEXT_CALIB), tmp_path / "out", data_dir=data_dir,
                          progress=False)
-    assert heterogeneous.KEY not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert per_layer.KEY not in json.loads((tmp_path / "out" / "config.json").read_text())
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
@@ -191,13 +192,13 @@ def hetero_dir(tmp_path):
     model = make_tiny("llama_gqa")
     amp.prune_(model, amp.PruneConfig(ratio=0.3, allocation="depth", heads="query"), random_calibration(),
                progress=False)
-    assert heterogeneous.entries(model.config)
+    assert per_layer.entries(model.config)
     return save_tiny(model, tmp_path / "hetero")
 
 
 def test_per_layer_entries_that_disagree_with_the_tensors(hetero_dir, capsys):
     config = json.loads((hetero_dir / "config.json").read_text())
-    config[heterogeneous.KEY][1]["intermediate_size"] += 3
+    config[per_layer.KEY][1]["intermediate_size"] += 3
     (hetero_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(amp.AmpError, match=r"layer 1: model\.layers\.1\.mlp\.\w+_proj\.weight is"):
         amp.load_pruned(hetero_dir)

@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM
 
 import amp
 from amp.cli import main
-from amp.errors import AmpError
-from amp.recover import RecoverConfig, checkpoint_path, recover_checkpoint, recover_model
+from amp import AmpError
+from amp import RecoverConfig, recover_checkpoint, recover_model
+from amp.recover.checkpoints import checkpoint_path
 from conftest import random_calibration
 from tiny_models import make_tiny, save_tiny, tiny_tokenizer
 
@@ -87,7 +88,7 @@ def _folder(tmp_path, family="llama_gqa", allocation="uniform"):
     model = make_tiny(family)
     report = amp.prune_(model, amp.PruneConfig(ratio=0.3, allocation=allocation), random_calibration(),
                         progress=False)
-    from amp.checkpoint import save_pruned
+    from amp.io.folders import save_pruned
     return save_pruned(model, tiny_tokenizer(), report, tmp_path / f"pruned_{family}_{allocation}")
 
 
@@ -172,7 +173,7 @@ def test_interrupted_recovery_leaves_no_finished_folder_and_resumes(tmp_path, mo
     pruned = _folder(tmp_path)
     out = tmp_path / "out"
     config = RecoverConfig(data=str(_data(tmp_path)), steps=6, batch_size=4, checkpoint_every=2)
-    import amp.recover as rec
+    import amp.recover.train as rec
     real = rec.save_checkpoint
     calls = []
 

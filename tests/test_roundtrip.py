@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import amp
-from amp.checkpoint import save_pruned
+from amp.io.folders import save_pruned
 from conftest import random_calibration
 from tiny_models import make_tiny, tiny_tokenizer
 

@@ -4,7 +4,7 @@ import copy
 import torch
 
 import amp
-from amp import criteria
+from amp.prune import criteria
 from amp.arch import Geometry, spec_for
 from conftest import random_calibration
 from tiny_models import make_tiny
@@ -87,7 +87,7 @@ def test_magnitude_needs_no_data_and_matches_weight_norms():
 def test_fused_mlp_statistics_equal_the_hook_path(family):
     """Calibration gathers neuron statistics inside the fused activation kernel; the plain down-proj hook
     (used for activations the kernels do not cover) must agree, and so must the layer's outputs."""
-    from amp.calibrate import TokenMask, statistics_hooks
+    from amp.prune.statistics import TokenMask, statistics_hooks
     model = make_tiny(family)
     spec, geom = spec_for(model), Geometry.from_config(model.config)
     layer = model.model.layers[0]

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amp.api import prune_checkpoint
-from amp.config import PruneConfig
-from amp.evaluation import perplexity, tokenize_text
+from amp import PruneConfig
+from amp.quality.perplexity import perplexity, tokenize_text
 
 SEQLEN, WINDOWS = 256, 12
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import amp
-from amp.safetensors_io import INDEX_NAME, ShardWriter, parse_size
+from amp.io.safetensors_io import INDEX_NAME, ShardWriter, parse_size
 from test_cli import assert_clean_failure, run_cli
 from tiny_models import make_tiny, save_tiny
 
@@ -81,7 +81,7 @@ def test_shards_and_index_load_in_vanilla_transformers(tmp_path, data_dir):
 
 
 def test_bf16_checkpoint_computes_as_the_cpu_allows_and_writes_bf16(tmp_path, data_dir):
-    from amp.stream import cpu_bf16_flag
+    from amp.common.dtypes import cpu_bf16_flag
     src = save_tiny(make_tiny("qwen2_gqa").to(torch.bfloat16), tmp_path / "dense")
     streamed = amp.prune_checkpoint(str(src), amp.PruneConfig(ratio=0.3, **TEXT_CALIB), tmp_path / "stream",
                                     data_dir=data_dir, progress=False)
@@ -263,13 +263,13 @@ def test_full_filesystem_while_writing_shards(tmp_path, capsys, data_dir, monkey
 
 
 def test_calibration_file_is_checked_before_the_model_is_read(tmp_path, capsys, monkeypatch):
-    from amp import stream
+    from amp.io import sources as stream
     src = _sharded(tmp_path)
 
     def never(*args, **kwargs):
         raise AssertionError("the model was read before the calibration file was checked")
     monkeypatch.setattr(stream.SafetensorsSource, "__init__", never)
-    monkeypatch.setattr(amp.models, "load_model", never)
+    monkeypatch.setattr(amp.io.models, "load_model", never)
     bad = tmp_path / "calib.json"
     bad.write_text("{not json")
     for extra in ([], ["--no-stream"]):
@@ -289,7 +289,7 @@ def test_max_shard_size_parsing():
 
 
 def test_compute_dtype_rules(monkeypatch):
-    from amp import stream
+    from amp.common import dtypes as stream
     cpu = torch.device("cpu")
     monkeypatch.setattr(stream, "cpu_bf16_flag", lambda: None)  # an AVX2-only CPU
     assert stream.resolve_compute_dtype(torch.bfloat16, cpu, None)[0] == torch.float32

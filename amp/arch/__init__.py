@@ -1,7 +1,7 @@
 """Registry of supported families, keyed by Hugging Face class name."""
 from __future__ import annotations
 
-from ..errors import AmpError
+from ..common.errors import AmpError
 from .base import ArchSpec, Geometry
 from .llama import LLAMA, MISTRAL_QWEN2
 from .phi import PHI

@@ -1,0 +1,165 @@
+"""Calibration data: Alpaca prompts as the paper formats them, or text corpora cut into fixed windows; and the
+right-padded batches that calibration and recovery both run.
+
+Sources: `alpaca`, `wikitext2`, `c4` (looked up in the data folder: --data-dir, $AMP_DATA_DIR, or the
+repository's ../shared/data; `alpaca` and `c4` fall back to the samples bundled in the package: 256 Alpaca
+records, and the first 506 documents (1.1 M characters) of the C4 validation subset), or a user's file:
+.txt (plain text), .json (a list of Alpaca records), .jsonl (rows with `text`, or Alpaca records).
+Sampling is deterministic for a seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..common.errors import AmpError
+
+RESOURCES = Path(__file__).resolve().parents[1] / "resources"
+BUNDLED = {"alpaca": RESOURCES / "alpaca_sample.json", "c4": RESOURCES / "c4_sample.jsonl"}
+# Default sample counts: Alpaca prompts are short (about 22 tokens each), text corpora are cut into windows.
+DEFAULT_PROMPTS, DEFAULT_WINDOWS = 128, 64
+_CORPUS_FILES = {"alpaca": "text/alpaca_5000.json", "wikitext2": "text/wikitext2_test.txt",
+                 "c4": "text/c4_validation_2k.jsonl"}
+
+
+@dataclass
+class Calibration:
+    name: str                    # what the report calls it
+    samples: list[torch.Tensor]  # 1-D token id tensors
+    file: str | None = None      # where the text came from
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.samples)
+
+
+def default_data_dir() -> Path | None:
+    env = os.environ.get("AMP_DATA_DIR")
+    if env:
+        return Path(env)
+    guess = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return guess if guess.is_dir() else None
+
+
+def resolve_source(source: str, data_dir: str | os.PathLike | None = None) -> Path:
+    if source in _CORPUS_FILES:
+        base = Path(data_dir) if data_dir else default_data_dir()
+        path = base / _CORPUS_FILES[source] if base else None
+        if path is not None and path.is_file():
+            return path
+        if source in BUNDLED:
+            return BUNDLED[source]
+        raise AmpError(f"calibration set {source!r} not found: expected {_CORPUS_FILES[source]} under "
+                       f"{base or 'a data folder'} (set --data-dir or AMP_DATA_DIR)")
+    path = Path(source)
+    if not path.is_file():
+        raise AmpError(f"calibration file {source} does not exist (or use alpaca, wikitext2, c4)")
+    return path
+
+
+def alpaca_prompt(record: dict) -> str:
+    """The paper's format: Instruction / Input / Response, the Input line only when there is one."""
+    text = f"Instruction: {record.get('instruction', '').strip()}\n"
+    if record.get("input", "").strip():
+        text += f"Input: {record['input'].strip()}\n"
+    return text + "Response:"
+
+
+def read_jsonl(path: Path, expected: str = "") -> list[tuple[int, object]]:
+    """(line number, parsed row) for every non-blank line; a bad line is an error naming file and line."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise AmpError(f"{path}:{n}: not valid JSON ({e.msg}){expected}") from None
+    return rows
+
+
+def read_records(path: Path, with_response: bool = False) -> tuple[list[str], bool]:
+    """(texts, are_alpaca) of a data file, for calibration and recovery alike. `.json`: a list of records;
+    `.jsonl`: one record per line; any other file: plain text (one text). A record is Alpaca (`instruction`,
+    `input`: the prompt as the paper formats it, and with `with_response` its `output` after it) or a row with
+    `text`, all of one kind. A bad record is named by file:line (`.jsonl`) or file:record number (`.json`)."""
+    try:
+        if path.suffix == ".json":
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise AmpError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rows, list):
+                raise AmpError(f"{path}: expected a JSON list of records")
+            numbered, where = list(enumerate(rows, 1)), "record"
+        elif path.suffix == ".jsonl":
+            numbered, where = read_jsonl(path), "line"
+        else:
+            return [path.read_text(encoding="utf-8")], False
+    except UnicodeDecodeError:
+        raise AmpError(f"{path}: not UTF-8 text") from None
+    texts, kind = [], None
+    for n, row in numbered:
+        if isinstance(row, dict) and isinstance(row.get("instruction"), str):
+            this = "Alpaca"
+            texts.append(alpaca_prompt(row) + (f" {str(row.get('output', '')).strip()}" if with_response else ""))
+        elif isinstance(row, dict) and isinstance(row.get("text"), str):
+            this = "text"
+            texts.append(row["text"])
+        else:
+            raise AmpError(f"{path}:{n}: {where} {n} has neither Alpaca 'instruction' fields nor a 'text' field")
+        if kind is not None and this != kind:
+            raise AmpError(f"{path}:{n}: {where} {n} is a {this} record among {kind} records; use one kind per file")
+        kind = this
+    return texts, kind == "Alpaca"
+
+
+def load_calibration(tokenizer, source: str = "c4", nsamples: int | None = None, seqlen: int = 512, seed: int = 0,
+                     data_dir: str | os.PathLike | None = None) -> Calibration:
+    """`nsamples` prompts (default 128) of a prompt set, or windows of `seqlen` tokens (default 64) of a text."""
+    path = resolve_source(source, data_dir)
+    texts, is_prompts = read_records(path)
+    if nsamples is None:
+        nsamples = DEFAULT_PROMPTS if is_prompts else DEFAULT_WINDOWS
+    rng = random.Random(seed)
+    name = source if source in _CORPUS_FILES else str(path)
+    if is_prompts:
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise AmpError(f"calibration file {path} has no prompts")
+        picks = rng.sample(texts, nsamples) if nsamples <= len(texts) else [rng.choice(texts) for _ in range(nsamples)]
+        samples = [torch.tensor(tokenizer(t, add_special_tokens=True)["input_ids"][:seqlen], dtype=torch.long)
+                   for t in picks]
+        return Calibration(name, [s for s in samples if len(s) > 0], str(path))
+    # Text corpus: concatenate, tokenize once (only as much as needed) and cut random windows of seqlen.
+    joined = "\n\n".join(t for t in texts if t.strip())
+    if not joined.strip():
+        raise AmpError(f"calibration file {path} is empty")
+    budget = max(200_000, 8 * nsamples * seqlen)  # characters: plenty for nsamples windows, bounded work
+    ids = torch.tensor(tokenizer(joined[: budget * 4], add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if len(ids) < seqlen:
+        raise AmpError(f"calibration file {path} holds {len(ids)} tokens, too short for one window of {seqlen}")
+    starts = [rng.randrange(0, len(ids) - seqlen + 1) for _ in range(nsamples)]
+    return Calibration(name, [ids[s:s + seqlen].clone() for s in starts], str(path))
+
+
+def make_batches(samples: list[torch.Tensor], batch_size: int, pad_id: int):
+    """Right-padded batches (longest first, to waste little on padding): (input_ids, attention_mask)."""
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]))
+    return [pad_right([samples[i] for i in order[start:start + batch_size]], pad_id)
+            for start in range(0, len(order), batch_size)]
+
+
+def pad_right(group: list[torch.Tensor], pad_id: int):
+    """One right-padded batch of 1-D token tensors: (input_ids, attention_mask)."""
+    width = max(len(s) for s in group)
+    ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(group), width), dtype=torch.long)
+    for row, s in enumerate(group):
+        ids[row, :len(s)] = s
+        mask[row, :len(s)] = 1
+    return ids, mask

@@ -1,0 +1,42 @@
+"""`amp info`: structure and parameter counts of a model folder, and its pruning report if it has one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..arch import Geometry, spec_for_class
+from ..common.errors import AmpError
+from ..runtime.per_layer import meta_model
+from .folders import read_report
+
+
+def describe(folder) -> str:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise AmpError(f"{folder} is not a model folder (no config.json)")
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    arch = (config.architectures or ["?"])[0]
+    spec_for_class(arch)
+    model = meta_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    g = Geometry.from_config(config)
+    per_layer = getattr(config, "amp_per_layer", None)
+    shape = (f"heads {g.num_heads}, kv heads {g.num_kv_heads}, head_dim {g.head_dim}, intermediate {g.intermediate}"
+             if not per_layer else
+             f"head_dim {g.head_dim}, per layer (query heads/kv heads/neurons): " +
+             " ".join(f"{e['num_attention_heads']}/{e['num_key_value_heads']}/{e['intermediate_size']}"
+                      for e in per_layer))
+    lines = [f"{folder}: {arch} ({config.model_type})",
+             f"  layers {config.num_hidden_layers}, hidden {g.hidden}, {shape}",
+             f"  parameters {total:,} (per decoder layer {layer:,}; decoder layers "
+             f"{layer * config.num_hidden_layers / total:.1%} of the total)"]
+    report = read_report(folder)
+    if report:
+        lines.append(f"  pruned by AMP: criterion {report['criterion']}, ratio {report['ratio_achieved']:.2%} "
+                     f"(asked {report['ratio_target']:.2%}), {report['params_before']:,} -> "
+                     f"{report['params_after']:,} parameters")
+        cal = report.get("calibration", {})
+        if cal.get("used"):
+            lines.append(f"  calibration {cal['source']}: {cal['samples']} samples, {cal['tokens']:,} tokens")
+    return "\n".join(lines)

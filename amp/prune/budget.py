@@ -1,0 +1,216 @@
+"""Per-layer budgets: how many attention structures and MLP neurons each layer gives up, decided jointly.
+
+Every layer has two blocks (attention, MLP). A block removes its structures in a fixed order (lowest score first)
+and knows, for k structures removed, the parameters that frees (`params(k)`, cumulative: in query-head mode a KV
+head goes with the last query head of its group) and an error estimate (`error(k)`). A greedy solver then takes,
+over all blocks of all layers, the step that costs the least error per parameter freed until the budget is met
+(exact to one neuron where the MLP can absorb it). Methods differ only in the error estimate and the scope:
+- `sensitivity`: error(k) measured on the calibration data (relative change of the layer's output when the block
+  loses its k lowest-scored structures), one greedy over the whole model;
+- `depth`: each layer's share of the budget rises linearly with depth (`depth_range`, as a multiple of the
+  uniform share); within a layer the greedy splits it between attention and MLP by score mass: error(k) is the
+  share of the block's total score carried by the k structures removed.
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..common.errors import AmpError
+from .criteria import group_scores, removal_order
+
+MLP_STEPS = 64  # the MLP block moves in steps of 1/64 of its neurons (the last step is exact to one neuron)
+
+
+@dataclass
+class Block:
+    layer: int
+    kind: str                        # "attention" | "mlp"
+    params: list[int]                # params(k) for k = 0..max_remove, cumulative
+    error: list[float]               # error(k) for k = 0..max_remove, cumulative, nondecreasing
+    step: int = 1
+    removed: int = field(default=0)
+
+    @property
+    def max_remove(self) -> int:
+        return len(self.params) - 1
+
+    def next_step(self) -> tuple[float, int] | None:
+        """(error per parameter of the next step, its size), or None when the block is at its floor."""
+        if self.removed >= self.max_remove:
+            return None
+        k = min(self.removed + self.step, self.max_remove)
+        dp = self.params[k] - self.params[self.removed]
+        de = self.error[k] - self.error[self.removed]
+        return (de / max(dp, 1), k - self.removed)
+
+
+def removal_params(order_groups: list[int], query_cost: int, kv_cost: int, group_sizes: dict[int, int]) -> list[int]:
+    """params(k) for query heads removed in `order` (each given by its KV group): a query head frees
+    `query_cost`; the last query head of a group frees the KV head too."""
+    left = dict(group_sizes)
+    out, total = [0], 0
+    for g in order_groups:
+        left[g] -= 1
+        total += query_cost + (kv_cost if left[g] == 0 else 0)
+        out.append(total)
+    return out
+
+
+def interpolate(levels: dict[int, float], max_remove: int) -> list[float]:
+    """error(k) for k = 0..max_remove from measured levels (k -> error): linear between them, extended with
+    the last slope past the last one, made nondecreasing."""
+    xs, ys = zip(*sorted({0: 0.0, **levels}.items()))
+    out = []
+    for k in range(max_remove + 1):
+        j = bisect.bisect_left(xs, k)
+        if j < len(xs) and xs[j] == k:
+            out.append(ys[j])
+        elif j == len(xs):
+            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+            out.append(ys[-1] + max(slope, 0.0) * (k - xs[-1]))
+        else:
+            out.append(ys[j - 1] + (ys[j] - ys[j - 1]) * (k - xs[j - 1]) / (xs[j] - xs[j - 1]))
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1])
+    return out
+
+
+def score_mass_error(scores_in_removal_order: torch.Tensor) -> list[float]:
+    """error(k) = share of the block's total score carried by its first k structures in removal order."""
+    s = scores_in_removal_order.double().clamp_min(0)
+    total = float(s.sum()) or 1.0
+    return [0.0] + (s.cumsum(0) / total).tolist()
+
+
+def solve(blocks: list[Block], budget: int) -> int:
+    """Greedy over all blocks until `budget` parameters are freed; returns the parameters freed.
+    Raises when the blocks cannot free that many (the floor is too high)."""
+    capacity = sum(b.params[-1] for b in blocks)
+    if budget > capacity:
+        raise AmpError(f"the budget asks for {budget:,} parameters but the per-layer floor (--min-keep) leaves "
+                       f"only {capacity:,} removable; lower --min-keep or the ratio")
+    heap = []
+    for i, b in enumerate(blocks):
+        nxt = b.next_step()
+        if nxt:
+            heapq.heappush(heap, (nxt[0], i))
+    freed = 0
+    while freed < budget and heap:
+        _, i = heapq.heappop(heap)
+        b = blocks[i]
+        _, size = b.next_step()
+        before = b.params[b.removed]
+        if b.kind == "mlp" and b.params[b.removed + size] - before > budget - freed:
+            per = b.params[1] - b.params[0]  # neurons cost the same each: land exactly
+            size = max(1, -(-(budget - freed) // per))
+        b.removed += size
+        freed += b.params[b.removed] - before
+        nxt = b.next_step()
+        if nxt:
+            heapq.heappush(heap, (nxt[0], i))
+    # An attention step can overshoot by up to a KV group: give neurons back where the MLP took some.
+    for b in sorted((b for b in blocks if b.kind == "mlp" and b.removed), key=lambda b: -b.removed):
+        per = b.params[1] - b.params[0]
+        back = min(b.removed, (freed - budget) // per) if per else 0
+        b.removed -= back
+        freed -= back * per
+    return freed
+
+
+def depth_targets(layer_capacity: list[int], budget: int, depth_range: tuple[float, float]) -> list[int]:
+    """Per-layer parameter targets: the uniform share times a factor rising linearly with depth from
+    depth_range[0] to depth_range[1], capped by each layer's capacity, the excess spread over the others."""
+    n = len(layer_capacity)
+    lo, hi = depth_range
+    weights = [lo + (hi - lo) * i / max(n - 1, 1) for i in range(n)]
+    targets = [0.0] * n
+    remaining, free = float(budget), set(range(n))
+    while remaining > 0.5 and free:
+        total_w = sum(weights[i] for i in free)
+        spill = 0.0
+        for i in sorted(free):
+            add = remaining * weights[i] / total_w
+            room = layer_capacity[i] - targets[i]
+            targets[i] += min(add, room)
+            spill += max(add - room, 0.0)
+        free = {i for i in free if layer_capacity[i] - targets[i] > 0.5}
+        remaining = spill
+    if remaining > 0.5:
+        raise AmpError(f"the budget asks for {budget:,} parameters but the per-layer floor (--min-keep) leaves "
+                       f"only {sum(layer_capacity):,} removable; lower --min-keep or the ratio")
+    return [round(t) for t in targets]
+
+
+def _attention_block(index, obs, units, geom, query: bool, min_keep: float, errors: str) -> tuple[Block, list]:
+    if query and geom.is_gqa:
+        order = removal_order(obs.head_scores)
+        params = removal_params((order // geom.group_size).tolist(), units.query_head, units.kv_head,
+                                {g: geom.group_size for g in range(geom.num_kv_heads)})
+        scores = obs.head_scores[order]
+    else:
+        order = removal_order(group_scores(obs.head_scores, geom))
+        params = [k * units.attn_unit(geom) for k in range(len(order) + 1)]
+        scores = group_scores(obs.head_scores, geom)[order]
+    return _block(index, "attention", params, scores, obs.attention_error, min_keep, errors, 1), order
+
+
+def _block(index, kind, params, scores, measured, min_keep, errors, step) -> Block:
+    count = len(params) - 1
+    max_remove = count - max(1, math.ceil(min_keep * count - 1e-9))  # keep >= ceil(min_keep * count), >= 1
+    params = params[:max_remove + 1]
+    error = interpolate(measured, max_remove) if errors == "measured" else \
+        score_mass_error(scores)[:max_remove + 1]
+    return Block(index, kind, params, error, step)
+
+
+def layer_blocks(index, obs, units, geom, query: bool, min_keep: float, errors: str) -> list[Block]:
+    """The attention and MLP blocks of one layer (errors: "measured" curves, or "mass" of scores)."""
+    attention, _ = _attention_block(index, obs, units, geom, query, min_keep, errors)
+    order = removal_order(obs.neuron_scores)
+    mlp = _block(index, "mlp", [k * units.neuron for k in range(geom.intermediate + 1)], obs.neuron_scores[order],
+                 obs.mlp_error, min_keep, errors, max(1, geom.intermediate // MLP_STEPS))
+    return [attention, mlp]
+
+
+def allocate(observations, units, geom, method: str, query: bool, min_keep: float, budget: int,
+             depth_range: tuple[float, float]) -> tuple[list[tuple[int, int]], dict]:
+    """Per layer (attention structures removed, neurons removed) freeing `budget` parameters in all, and the
+    allocation's inputs for the report."""
+    errors = "measured" if method == "sensitivity" else "mass"
+    blocks = [layer_blocks(i, o, units, geom, query, min_keep, errors) for i, o in enumerate(observations)]
+    n = len(blocks)
+    inputs: dict = {"method": method, "budget_params": budget, "min_keep": min_keep}
+    if method == "sensitivity":
+        solve([b for pair in blocks for b in pair], budget)
+        inputs["attention_error"] = [{str(k): round(v, 6) for k, v in o.attention_error.items()} for o in observations]
+        inputs["mlp_error"] = [{str(k): round(v, 6) for k, v in o.mlp_error.items()} for o in observations]
+    elif method == "depth":
+        targets = depth_targets([a.params[-1] + m.params[-1] for a, m in blocks], budget, depth_range)
+        for pair, target in zip(blocks, targets):
+            solve(pair, target)
+        inputs.update(depth_range=list(depth_range), layer_targets=targets)
+    elif method == "uniform":  # query heads: the same share of every layer, whole attention units first
+        per_layer = budget / n
+        for attention, mlp in blocks:
+            share = per_layer / units.layer
+            k = min(int(share * _structures(attention, geom, query)), attention.max_remove)
+            while k and attention.params[k] > per_layer:
+                k -= 1
+            attention.removed = k
+            neurons = round((per_layer - attention.params[k]) / max(mlp.params[1], 1)) if mlp.max_remove else 0
+            if neurons > mlp.max_remove:
+                raise AmpError(f"the budget would empty the MLP past the floor (--min-keep {min_keep}); "
+                               "choose a smaller ratio")
+            mlp.removed = max(neurons, 0)
+    else:
+        raise AmpError(f"unknown allocation {method!r}")
+    return [(a.removed, m.removed) for a, m in blocks], inputs
+
+
+def _structures(attention: Block, geom, query: bool) -> int:
+    return geom.num_heads if query and geom.is_gqa else geom.num_kv_heads

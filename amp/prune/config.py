@@ -1,0 +1,121 @@
+"""PruneConfig: every knob of a prune, validated once. The CLI flags map one to one onto its fields."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..common.errors import AmpError
+from ..io.safetensors_io import parse_size
+
+CRITERIA = ("amp", "magnitude", "random", "reversed", "wanda-sp", "flap")
+# Criteria that need per-channel input moments, and the one that folds removed channels into a bias.
+MOMENT_CRITERIA = ("wanda-sp", "flap")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OFFLOADS = ("auto", "device", "host", "disk")
+ALLOCATIONS = ("uniform", "depth", "sensitivity")
+HEADS = ("auto", "group", "query")
+# Criteria that need no calibration data.
+DATA_FREE = ("magnitude", "random")
+COMPENSATIONS = ("auto", "none", "bias", "refit", "bias+refit")
+# What --compensate auto means for every criterion but flap (whose own method is the bias), decided by
+# measurement (benchmarks/results/quality_recovery.md): a refit wherever the calibration set has enough tokens
+# per input channel for one (compensate.MIN_TOKENS_PER_CHANNEL), else nothing.
+AUTO_REFIT = True
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float | None = None       # fraction of the WHOLE model's parameters to remove
+    iteration: int | None = None     # or: remove this many decoder layers' worth of parameters (paper's flag)
+    criterion: str = "amp"
+    calib: str = "c4"                # c4 | alpaca | wikitext2 | path to .txt / .json / .jsonl (measured default)
+    nsamples: int | None = None      # default: 64 windows of a text corpus, 128 prompts of a prompt set
+    seqlen: int = 512                # window length for text corpora, truncation length for prompts
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"              # weights as stored and written; auto: the checkpoint's own
+    compute_dtype: str = "auto"      # what a resident layer computes in; auto: the stored dtype (float32 on a CPU)
+    offload: str = "auto"            # where calibration activations live: auto | device | host | disk
+    stream: bool = True              # prune_checkpoint: stream a safetensors checkpoint layer by layer
+    max_shard_size: str = "5GB"      # output shards when streaming
+    allocation: str = "uniform"      # per-layer budgets: uniform | depth | sensitivity
+    heads: str = "auto"              # GQA: prune whole KV groups or single query heads (auto: group if uniform)
+    min_keep: float = 0.1            # per-layer floor: each layer keeps this share of its heads and of its neurons
+    depth_range: tuple = (0.5, 1.5)  # depth allocation: the first and last layer's share, times the uniform share
+    compensate: str = "auto"         # none | bias | refit | bias+refit (auto: bias for flap, else the measured best)
+    damp: float = 0.01               # refit damping, relative to the mean diagonal of the Gram matrix
+    sequential: bool | None = None   # calibrate each layer on the outputs of the already-pruned layers
+                                     # (default: yes wherever calibration data is used; measured)
+
+    def __post_init__(self):
+        if (self.ratio is None) == (self.iteration is None):
+            raise AmpError("give exactly one of --ratio and --iteration")
+        if self.ratio is not None and not (0.0 < self.ratio < 1.0):
+            raise AmpError(f"--ratio must lie strictly between 0 and 1, got {self.ratio}")
+        if self.iteration is not None and self.iteration < 1:
+            raise AmpError(f"--iteration must be a positive number of layers, got {self.iteration}")
+        if self.criterion not in CRITERIA:
+            raise AmpError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.compensate not in COMPENSATIONS:
+            raise AmpError(f"unknown --compensate {self.compensate!r}; choose one of {', '.join(COMPENSATIONS)}")
+        if not (isinstance(self.damp, (int, float)) and self.damp > 0 and self.damp == self.damp):
+            raise AmpError(f"--damp must be a positive number, got {self.damp}")
+        if self.compensate == "auto" and self.criterion == "flap":
+            object.__setattr__(self, "compensate", "bias")
+        if self.sequential is None:
+            object.__setattr__(self, "sequential", self.criterion not in DATA_FREE)
+        if self.sequential and self.criterion in DATA_FREE:
+            raise AmpError(f"--sequential recalibrates on pruned outputs; criterion {self.criterion!r} uses no "
+                           "calibration data")
+        if self.nsamples is not None and self.nsamples < 1:
+            raise AmpError(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise AmpError(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.batch_size < 1:
+            raise AmpError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.device not in DEVICES:
+            raise AmpError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise AmpError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.compute_dtype not in DTYPES:
+            raise AmpError(f"unknown compute dtype {self.compute_dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.offload not in OFFLOADS:
+            raise AmpError(f"unknown --offload {self.offload!r}; choose one of {', '.join(OFFLOADS)}")
+        parse_size(self.max_shard_size)
+        if self.allocation not in ALLOCATIONS:
+            raise AmpError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.heads not in HEADS:
+            raise AmpError(f"unknown --heads {self.heads!r}; choose one of {', '.join(HEADS)}")
+        if not 0.0 <= self.min_keep < 1.0:
+            raise AmpError(f"--min-keep must lie in [0, 1), got {self.min_keep}")
+        lo, hi = self.depth_range
+        if not (0 < lo and 0 < hi):
+            raise AmpError(f"--depth-range must be two positive factors, got {self.depth_range}")
+        if self.allocation == "sensitivity" and not self.needs_calibration:
+            raise AmpError(f"the sensitivity allocation measures on calibration data; criterion "
+                           f"{self.criterion!r} uses none")
+        if self.heads == "auto":  # frozen: resolve through object.__setattr__
+            object.__setattr__(self, "heads", "group" if self.allocation == "uniform" else "query")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.criterion not in DATA_FREE or self.compensate not in ("none", "auto")
+
+    @property
+    def auto_refit(self) -> bool:
+        """--compensate auto: refit if the calibration set turns out large enough (decided once it is read)."""
+        return self.compensate == "auto" and AUTO_REFIT and self.needs_calibration
+
+    @property
+    def refit(self) -> bool:
+        return "refit" in self.compensate
+
+    @property
+    def bias(self) -> bool:
+        return "bias" in self.compensate
+
+    @property
+    def single_pass(self) -> bool:
+        """Uniform whole-group pruning knows every shape up front: observe and prune fold into one pass."""
+        return self.allocation == "uniform" and self.heads == "group"

@@ -1,0 +1,189 @@
+"""One prune's shared state and its per-layer steps (the passes in passes.py are short sequences of these):
+capture the calibration inputs into the activation store, stream the layers in and out, observe a resident
+layer, decide the refit, compensate and slice it, hand it to the sink, and (sequential calibration) move the
+store on to the pruned layer's outputs."""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..arch import Geometry, spec_for
+from ..common.dtypes import TORCH_DTYPES, resolve_compute_dtype
+from ..common.errors import AmpError
+from ..common.profiling import PhaseTimer
+from ..io.activations import ActivationStore, choose_offload
+from ..io.calibration import make_batches
+from ..runtime import per_layer
+from ..runtime.attention import ATTN_INDEXED, register
+from . import compensate, slicing
+from .capture import _to, capture_layer_inputs
+from .config import PruneConfig
+from .keep import complement, kept_sets
+from .observe import Observation, observe_layer
+from .statistics import TokenMask
+
+
+def _layer_bytes(layer: nn.Module, dtype: torch.dtype) -> int:
+    return sum(p.numel() for p in layer.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+@contextmanager
+def _pruned_view(layer, spec, config, shape: dict):
+    """A sliced layer runs before the model's config knows its sizes (some families read them from the config
+    in forward, e.g. Phi-3's fused qkv split): its modules see a per-layer view of the config meanwhile, with
+    the index-based attention where the head map is uneven."""
+    view = per_layer.LayerConfig(config, shape)
+    if per_layer.is_uneven(shape):
+        register()
+        view._attn_implementation = ATTN_INDEXED
+    modules = [m for m in (layer, spec.get(layer, spec.attn), spec.get(layer, spec.mlp)) if "config" in m.__dict__]
+    saved = [m.__dict__["config"] for m in modules]
+    for m in modules:
+        m.config = view
+    try:
+        yield
+    finally:
+        for m, c in zip(modules, saved):
+            m.config = c
+
+
+class PruneRun:
+    """Everything one prune shares between its passes (so that the passes stay short)."""
+
+    def __init__(self, source, config: PruneConfig, timer: PhaseTimer, progress: bool, probe):
+        self.source, self.config, self.timer, self.progress, self.probe = source, config, timer, progress, probe
+        self.model = source.model
+        self.spec = spec_for(self.model)
+        self.geom = Geometry.from_config(self.model.config)
+        self.device = torch.device(config.device)
+        self.dtype, self.dtype_why = resolve_compute_dtype(source.storage_dtype, self.device,
+                                                           TORCH_DTYPES.get(config.compute_dtype))
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.token_mask = TokenMask()
+        self.store, self.extras, self.masks, self.offload = None, [], [], None
+        self.bias = config.bias and self.spec.output_bias != "none"
+        if config.bias and not self.bias and config.criterion != "flap":
+            raise AmpError(f"--compensate {config.compensate}: {type(self.model).__name__} cannot hold an "
+                           "output-projection bias in plain transformers; use --compensate refit")
+        self.config_biases = self.bias and self.spec.output_bias == "config"
+        self.refit = config.refit  # --compensate auto decides once the calibration set is read (decide_refit)
+        self.compensation_errors: list[dict] = []
+        self.calibration, self.pad_id, self.staging = None, 0, None
+
+    def to_device(self, extra):
+        return extra if self.offload["where"] == "device" else _to(extra, self.device)
+
+    def capture(self, calibration, pad_id: int, staging) -> int:
+        """Runs the embeddings over the calibration set into a new activation store (the first layer's input)."""
+        self.calibration, self.pad_id, self.staging = calibration, pad_id, staging
+        if self.store is not None:
+            self.store.close()
+        with self.timer.phase("calibrate"):
+            batches = make_batches(calibration, self.config.batch_size, pad_id)
+            shapes = [(ids.shape[0], ids.shape[1], self.geom.hidden) for ids, _ in batches]
+            elt = torch.empty((), dtype=self.dtype).element_size()
+            act_bytes = sum(a * b * c for a, b, c in shapes) * elt
+            where, why = choose_offload(self.config.offload, act_bytes, self.device,
+                                        _layer_bytes(self.source.layers[0], self.dtype))
+            self.store = ActivationStore(shapes, self.dtype, where, self.device, staging)
+            home = self.device if where == "device" else torch.device("cpu")
+            self.extras = capture_layer_inputs(self.source, batches, self.device, self.dtype, self.store, home)
+            self.masks = [None if bool(mask.all()) else mask.bool().to(self.device) for _, mask in batches]
+            self.offload = {"where": where, "why": why, "activation_bytes": act_bytes}
+            return sum(int(m.sum()) for _, m in batches)
+
+    def layers(self, desc: str):
+        """Yields (index, resident layer); the layer always goes back (errors included)."""
+        for index in tqdm(range(len(self.source.layers)), desc=desc, unit="layer", disable=not self.progress):
+            with self.timer.phase("load"):
+                layer = self.source.load_layer(index, self.device, self.dtype)
+            try:
+                if self.config_biases:
+                    slicing.add_zero_biases(layer, self.spec)
+                if self.probe:
+                    self.probe("resident")
+                yield index, layer
+            finally:
+                self.source.release_layer(index)
+
+    def observe(self, layer, sensitivity=None, gram: bool = False, dense: bool = True) -> Observation:
+        """Scores (and what compensation needs) of a resident layer. `dense`: the store moves on to the layer's
+        dense outputs; a sequential prune passes False and moves it on after the cut (`propagate`)."""
+        with self.timer.phase("calibrate"):
+            return observe_layer(layer, self.spec, self.geom, self.config, self.store, self.extras, self.masks,
+                                 self.to_device, getattr(self.model.config, "hidden_act", None), self.generator,
+                                 self.token_mask, sensitivity, gram=gram, propagate=dense,
+                                 means=self.bias and not self.refit)  # bias+refit: the Gram's affine fit
+
+    def decide_refit(self, tokens: int) -> str | None:
+        """--compensate auto: a refit when every refit projection gets enough calibration tokens per input
+        channel, else no compensation; returns the report's note."""
+        if not self.config.auto_refit:
+            return None
+        widest = max(self.geom.intermediate, self.geom.num_heads * self.geom.head_dim)
+        per = tokens / widest
+        self.refit = per >= compensate.MIN_TOKENS_PER_CHANNEL
+        if self.refit:
+            return None
+        return (f"--compensate auto: no refit, since {tokens} calibration tokens are {per:.1f} per input channel "
+                f"of the widest output projection ({widest}), fewer than {compensate.MIN_TOKENS_PER_CHANNEL}; "
+                f"a refit needs e.g. --calib c4 --nsamples {math.ceil(compensate.MIN_TOKENS_PER_CHANNEL * widest / self.config.seqlen)}")
+
+    @torch.no_grad()
+    def propagate(self, layer, shape: dict) -> None:
+        """Sequential calibration: the store takes the PRUNED layer's outputs, the next layer's inputs."""
+        with self.timer.phase("calibrate"), _pruned_view(layer, self.spec, self.model.config, shape):
+            for b in range(len(self.store)):
+                args, kwargs = self.to_device(self.extras[b])
+                out = layer(self.store.get(b), *args, **kwargs)
+                self.store.put(b, out[0] if isinstance(out, tuple) else out)
+
+    def compensate_layer(self, layer, obs: Observation, kept_heads, kept_neurons) -> dict:
+        """Folds what the removed channels carried into the output projections (bias and/or refit), before
+        their columns are sliced away; returns the refit's calibration errors."""
+        g = self.geom
+        q_cols = slicing.head_rows(kept_heads, g.head_dim)
+        o_proj, down = self.spec.get(layer, self.spec.o), self.spec.get(layer, self.spec.down)
+        if self.refit:
+            errors = {}
+            for key, linear, gram, kept in (("o", o_proj, obs.o_gram, q_cols), ("down", down, obs.down_gram,
+                                                                                  kept_neurons)):
+                # a projection that loses nothing is left as it is (a refit would only fit the damping)
+                errors[key] = compensate.refit(linear, gram, kept, self.config.damp, self.bias) \
+                    if len(kept) < linear.in_features else {"error_before": 0.0, "error_after": 0.0}
+            obs.o_gram = obs.down_gram = None  # a Gram matrix is the size of a projection: let it go
+            self.compensation_errors.append(errors)
+            return {k: {m: round(v, 6) for m, v in e.items()} for k, e in errors.items()}
+        if self.bias:
+            slicing.compensate_bias(o_proj, complement(q_cols, g.num_heads * g.head_dim), obs.o_mean)
+            slicing.compensate_bias(down, complement(kept_neurons, g.intermediate), obs.down_mean)
+        return {}
+
+    def cut(self, index, layer, obs: Observation, sink, attention_removed: int, neurons_removed: int,
+            within_kv=None) -> dict:
+        """Compensates and slices one layer, then hands it to the sink. `within_kv`: the KV heads that must stay
+        (a sequential re-ranking after a per-layer allocation fixed the shapes)."""
+        g = self.geom
+        query = self.config.heads == "query"
+        kept_heads, kept_kv, kept_neurons, head_map = kept_sets(obs, g, query, attention_removed, neurons_removed,
+                                                                within_kv)
+        with self.timer.phase("compensate"):
+            errors = self.compensate_layer(layer, obs, kept_heads, kept_neurons)
+        with self.timer.phase("slice"):
+            slicing.slice_attention(layer, self.spec, g, kept_heads, kept_kv, head_map)
+            slicing.slice_mlp(layer, self.spec, g, kept_neurons)
+        if self.config.sequential:
+            self.propagate(layer, {"num_attention_heads": len(kept_heads), "num_key_value_heads": len(kept_kv),
+                                   "intermediate_size": len(kept_neurons), "head_map": head_map})
+        with self.timer.phase("write"):
+            sink.put(index, layer)
+        if self.probe:
+            self.probe("written")
+        return {"layer": index, "kept_heads": kept_heads.tolist(), "kept_kv_heads": kept_kv.tolist(),
+                "kept_neurons": kept_neurons.tolist(), "head_map": head_map,
+                "head_scores": [float(f"{float(s):.7g}") for s in obs.head_scores],
+                **({"compensation": errors} if errors else {})}

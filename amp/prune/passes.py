@@ -1,0 +1,133 @@
+"""The prune as passes over a layer stream (../shared/DESIGN.md): a source yields decoder layers one at a time
+(from a model in memory, or lazily from safetensors files), each is calibrated, scored and sliced on the device,
+and a sink takes it (back into the model, or into output shards).
+
+Uniform allocation of whole KV groups depends only on shapes, so observe and prune fold into one pass. Any other
+allocation, or single query heads, is two passes: observe every layer (H + I scores, and the output-change curves
+for the sensitivity allocation), solve the budget, then read each layer again and cut it. By default calibration
+is sequential: the activation store carries each PRUNED layer's outputs to the next layer (`--no-sequential`:
+the dense outputs, as the paper does). Peak memory is one layer plus the store, on the device and the host."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..arch import Geometry
+from ..common.dtypes import dtype_name
+from ..common.errors import AmpError
+from ..common.profiling import PhaseTimer
+from ..runtime import per_layer
+from . import allocate, compensate
+from . import budget as budget_module
+from .config import PruneConfig
+from .keep import kept_sets, target_config
+from .layer_run import PruneRun
+
+
+@torch.no_grad()
+def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tensor] | None = None,
+                 pad_id: int = 0, timer: PhaseTimer | None = None, progress: bool = True, staging=None,
+                 probe=None) -> dict:
+    """Prunes every layer of `source` into `sink`; returns the keep sets, the plan and how it ran (the report's
+    core). Uniform allocation of whole KV groups is one pass (every shape is known up front); any other
+    allocation or single query heads observe every layer first, decide, then prune in a second pass.
+    `staging`: a folder for disk-offloaded activations; `probe(event)`: called while a layer is resident."""
+    run = PruneRun(source, config, timer or PhaseTimer(config.device), progress, probe)
+    model, geom, spec = run.model, run.geom, run.spec
+    layers = source.layers
+    ratio = config.ratio if config.ratio is not None else allocate.ratio_for_iteration(model, layers, config.iteration)
+    the_plan = allocate.plan(model, layers, spec, geom, ratio)
+    if config.needs_calibration and not calibration:
+        raise AmpError(f"criterion {config.criterion!r} needs calibration data")
+    notes = []
+    if config.criterion == "flap" and config.bias and not run.bias:
+        notes.append(f"flap: {type(model).__name__} cannot load an output-projection bias in plain transformers, "
+                     "so the bias compensation was skipped (fluctuation metric only)")
+    if run.config_biases:
+        notes.append("bias compensation: biases enabled (attention_bias, mlp_bias) to hold it; q/k/v and "
+                     "gate/up biases are zero")
+    n_tokens = run.capture(calibration, pad_id, staging) if config.needs_calibration else 0
+    note = run.decide_refit(n_tokens)
+    if note:
+        notes.append(note)
+    kept, allocation = [], {"method": "uniform", "heads": "group"}
+    try:
+        if config.single_pass:
+            keep_kv = geom.num_kv_heads - the_plan.attn_units_removed
+            target = target_config(model.config, keep_kv * geom.group_size, keep_kv,
+                                   geom.intermediate - the_plan.neurons_removed, geom.head_dim, run.config_biases)
+            with run.timer.phase("write"):
+                sink.begin(target)
+            for index, layer in run.layers(f"pruning ({config.criterion})"):
+                obs = run.observe(layer, gram=run.refit, dense=not config.sequential)
+                kept.append(run.cut(index, layer, obs, sink, the_plan.attn_units_removed, the_plan.neurons_removed))
+        else:
+            target, kept, allocation = _two_passes(run, sink, the_plan)
+    finally:
+        if run.store is not None:
+            run.store.close()
+    with run.timer.phase("write"):
+        params_after = sink.finish(target)
+    mode = "+".join(m for m, on in (("bias", run.bias), ("refit", run.refit)) if on) or "none"
+    comp = compensate.summary(mode, n_tokens, {"o": geom.num_heads * geom.head_dim, "down": geom.intermediate},
+                              run.compensation_errors, config.damp)
+    comp["sequential"] = config.sequential
+    if "warning" in comp:
+        notes.append(comp["warning"])
+    return {"plan": the_plan, "layers": kept, "notes": notes, "calibration_tokens": n_tokens, "compensation": comp,
+            "geometry_before": geom, "geometry_after": Geometry.from_config(target), "params_after": params_after,
+            "offload": run.offload, "compute_dtype": dtype_name(run.dtype),
+            "compute_dtype_why": run.dtype_why, "storage_dtype": dtype_name(source.storage_dtype),
+            "allocation": allocation, "target_config": target}
+
+
+def _two_passes(run: PruneRun, sink, the_plan):
+    """Observe every layer (scores, and output-change curves for the sensitivity allocation), allocate the
+    budget over layers, then read each layer again and cut it."""
+    config, geom = run.config, run.geom
+    query = config.heads == "query"
+    units = allocate.unit_params(run.source.layers[0], run.spec, geom)
+    sensitivity = None
+    if config.allocation == "sensitivity":
+        floor = lambda n: n - max(1, math.ceil(config.min_keep * n - 1e-9))  # noqa: E731
+        sensitivity = {"unit": "query" if query and geom.is_gqa else "group",
+                       "attention_max": floor(geom.num_heads if query and geom.is_gqa else geom.num_kv_heads),
+                       "mlp_max": floor(geom.intermediate)}
+    observations = [run.observe(layer, sensitivity) for _, layer in run.layers("observing")]
+    budget = the_plan.params_removed_per_layer * len(observations) if config.allocation == "uniform" and not query \
+        else round(the_plan.target_ratio * the_plan.total_params)
+    removed, inputs = budget_module.allocate(observations, units, geom, config.allocation, query, config.min_keep,
+                                            budget, config.depth_range)
+    shapes, kept_kv = [], []
+    for obs, (a, n) in zip(observations, removed):
+        heads, kv, _, head_map = kept_sets(obs, geom, query, a, n)
+        kept_kv.append(kv)
+        shapes.append({"num_attention_heads": len(heads), "num_key_value_heads": len(kv),
+                       "intermediate_size": geom.intermediate - n, "head_map": head_map})
+    base = target_config(run.model.config, geom.num_heads, geom.num_kv_heads, geom.intermediate, geom.head_dim,
+                         run.config_biases)
+    target = per_layer.per_layer_config(base, shapes)
+    with run.timer.phase("write"):
+        sink.begin(target)
+    # A refit needs each layer's Gram matrices (too large to keep for every layer), a sequential prune the
+    # pruned layers' outputs: both calibrate once more, from the embeddings, while cutting.
+    again = config.sequential or run.refit
+    if again:
+        run.capture(run.calibration, run.pad_id, run.staging)
+    kept = []
+    for index, layer in run.layers(f"pruning ({config.criterion}, {config.allocation})"):
+        obs, within = observations[index], None
+        if again:
+            fresh = run.observe(layer, gram=run.refit, dense=not config.sequential)
+            if config.sequential:  # re-ranked on the pruned prefix's outputs, within the allocated shapes
+                obs, within = fresh, (kept_kv[index] if query and geom.is_gqa else None)
+            else:
+                obs.o_gram, obs.down_gram = fresh.o_gram, fresh.down_gram
+        kept.append(run.cut(index, layer, obs, sink, *removed[index], within_kv=within))
+        observations[index] = None
+    if config.sequential:  # the kept query heads may differ: the maps in config.json follow them
+        for shape, entry in zip(shapes, kept):
+            shape["head_map"] = entry["head_map"]
+        target = per_layer.per_layer_config(base, shapes)
+    return target, kept, {**inputs, "heads": config.heads}

@@ -1,0 +1,151 @@
+"""Calibration statistics of one decoder layer, gathered by hooks that a context manager always removes.
+
+Per layer: for each query head the sum over calibration tokens of the L1 norm of what it writes through the
+output projection (the fused `head_norms` kernel), and for each MLP neuron the sum of |input of the down
+projection| (gathered by the fused `swiglu` / `gelu_mlp_act` kernels in the MLP's own forward pass).
+With `moments=True` (the wanda-sp and flap baselines, a bias compensation) also the per-channel sum and sum of
+squares (fp64) of the inputs of the output and down projections; with `gram=True` (a refit) their Gram
+matrices. Padding tokens are excluded through the mask the prune run sets before each batch.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+import amp_kernels
+
+from ..arch import ArchSpec, Geometry
+from ..runtime.fused import FUSED_ACTS, mlp_inputs
+from .compensate import Gram
+
+
+@dataclass
+class ChannelMoments:
+    """Per input channel of a projection, over calibration tokens: count, sum and sum of squares (fp64)."""
+    total: torch.Tensor
+    squares: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, width: int, device) -> "ChannelMoments":
+        return cls(torch.zeros(width, dtype=torch.float64, device=device),
+                   torch.zeros(width, dtype=torch.float64, device=device))
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        self.total += rows.sum(dim=0)
+        self.squares += rows.square().sum(dim=0)
+        self.count += rows.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """||x_j||_2 over tokens."""
+        return self.squares.sqrt()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased sample variance over tokens."""
+        n = self.count
+        return ((self.squares - self.total.square() / n) / max(n - 1, 1)).clamp_min(0.0)
+
+
+@dataclass
+class LayerStats:
+    head_l1: torch.Tensor        # (H,) fp32, summed over tokens
+    neuron_abs: torch.Tensor     # (I,) fp32, summed over tokens
+    tokens: int = 0
+    o_moments: ChannelMoments | None = None      # inputs of the output projection (H*d channels)
+    down_moments: ChannelMoments | None = None   # inputs of the down projection (I channels)
+    o_gram: Gram | None = None                 # sum x x^T of the same inputs (a refit)
+    down_gram: Gram | None = None
+
+
+@dataclass
+class TokenMask:
+    """The valid-token mask of the batch being run, flattened to (B*T,); None means every token counts."""
+    flat: torch.Tensor | None = None
+
+    def set(self, mask: torch.Tensor | None):
+        self.flat = None if mask is None else mask.reshape(-1)
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, x.shape[-1])
+        return x if self.flat is None else x[self.flat.to(x.device)]
+
+
+
+
+def _fused_mlp_forward(mlp_in, down, spec: ArchSpec, stats: "LayerStats", token_mask: TokenMask):
+    """The MLP's forward on valid tokens only, its activation (and the neuron statistics) in one kernel call.
+    Padding rows get zeros: with right padding and a causal mask they never reach a valid token."""
+    def forward(x):
+        rows = token_mask.select(x)
+        if spec.gated:
+            gate, up = mlp_in(rows)
+            a = amp_kernels.swiglu(gate, up, neuron_stats=stats.neuron_abs)
+        else:
+            a = amp_kernels.gelu_mlp_act(mlp_in(rows)[0], neuron_stats=stats.neuron_abs)
+        y = down(a)
+        if token_mask.flat is None:
+            return y.view(*x.shape[:-1], y.shape[-1])
+        out = y.new_zeros(x.shape[:-1].numel(), y.shape[-1])
+        out[token_mask.flat.to(out.device)] = y
+        return out.view(*x.shape[:-1], y.shape[-1])
+    return forward
+
+
+@contextmanager
+def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, token_mask: TokenMask,
+                     hidden_act: str | None = None, moments: bool = False, gram: bool = False):
+    device = next(layer.parameters()).device
+    stats = LayerStats(torch.zeros(geom.num_heads, dtype=torch.float32, device=device),
+                       torch.zeros(geom.intermediate, dtype=torch.float32, device=device))
+    o_proj = spec.get(layer, spec.o)
+    down = spec.get(layer, spec.down)
+    mlp = spec.get(layer, spec.mlp)
+    if moments:
+        stats.o_moments = ChannelMoments.zeros(geom.num_heads * geom.head_dim, device)
+        stats.down_moments = ChannelMoments.zeros(geom.intermediate, device)
+    if gram:
+        stats.o_gram = Gram.zeros(geom.num_heads * geom.head_dim, device)
+        stats.down_gram = Gram.zeros(geom.intermediate, device)
+
+    fused = hidden_act in FUSED_ACTS[spec.gated]  # any other activation falls back to a down-proj hook
+
+    def on_o_input(_module, args):
+        x = token_mask.select(args[0])
+        stats.tokens += x.shape[0]
+        amp_kernels.head_norms(x, o_proj.weight, geom.num_heads, p=1, out=stats.head_l1)
+        if moments:
+            stats.o_moments.add(x)
+        if gram:
+            stats.o_gram.add(x)
+
+    def on_down_input(_module, args):
+        # The fused MLP forward already feeds the down projection valid rows only (and counted |a| itself).
+        rows = args[0].reshape(-1, args[0].shape[-1]) if fused else token_mask.select(args[0])
+        if not fused:
+            stats.neuron_abs += rows.float().abs().sum(dim=0)
+        if moments:
+            stats.down_moments.add(rows)
+        if gram:
+            stats.down_gram.add(rows)
+
+    handles = [o_proj.register_forward_pre_hook(on_o_input)]
+    if moments or gram or not fused:
+        handles.append(down.register_forward_pre_hook(on_down_input))
+    try:
+        if fused:
+            mlp.forward = _fused_mlp_forward(mlp_inputs(layer, spec), down, spec, stats, token_mask)
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+        if fused:
+            del mlp.forward  # back to the class's forward
