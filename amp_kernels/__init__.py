@@ -10,7 +10,7 @@ import torch
 from . import reference
 from .dispatch import TRITON_AVAILABLE, use_triton
 
-__all__ = ["head_norms", "swiglu", "swiglu_matmul", "gelu_mlp_act", "gqa_attention", "reference",
+__all__ = ["head_norms", "swiglu", "geglu", "swiglu_matmul", "gelu_mlp_act", "gqa_attention", "reference",
            "TRITON_AVAILABLE"]
 
 
@@ -54,6 +54,17 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | No
         from .triton_mlp_act import swiglu_triton
         return swiglu_triton(gate, up, neuron_stats)
     return reference.swiglu(gate, up, neuron_stats)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | None = None) -> torch.Tensor:
+    """gelu_tanh(gate) * up (GeGLU), optionally adding per-neuron sums of |result| into `neuron_stats`."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"geglu: gate {gate.dtype} {tuple(gate.shape)} and up {up.dtype} {tuple(up.shape)} differ")
+    _check_stats("geglu", gate, neuron_stats)
+    if use_triton(gate):
+        from .triton_mlp_act import geglu_triton
+        return geglu_triton(gate, up, neuron_stats)
+    return reference.geglu(gate, up, neuron_stats)
 
 
 def swiglu_matmul(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,

@@ -59,6 +59,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | No
     return a.to(gate.dtype)
 
 
+def geglu(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | None = None) -> torch.Tensor:
+    """gelu_tanh(gate) * up (Gemma's GeGLU, `gelu_pytorch_tanh`); statistics as in `swiglu`."""
+    a = F.gelu(gate.float(), approximate="tanh") * up.float()
+    if neuron_stats is not None:
+        neuron_stats += a.abs().reshape(-1, a.shape[-1]).sum(dim=0)
+    return a.to(gate.dtype)
+
+
 def gelu_mlp_act(h: torch.Tensor, neuron_stats: torch.Tensor | None = None,
                  approximate: str = "tanh") -> torch.Tensor:
     """gelu(h) (Phi's `gelu_new` is the tanh approximation); statistics as in `swiglu`."""

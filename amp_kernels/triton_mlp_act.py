@@ -1,5 +1,6 @@
-"""Fused MLP activations with neuron statistics: a = silu(gate) * up (SwiGLU) or a = gelu_tanh(h) (Phi), and
-in the same pass each neuron's sum over tokens of |a|, so calibration never re-reads the activation."""
+"""Fused MLP activations with neuron statistics: a = silu(gate) * up (SwiGLU), a = gelu_tanh(gate) * up (GeGLU,
+Gemma) or a = gelu_tanh(h) (Phi), and in the same pass each neuron's sum over tokens of |a|, so calibration never
+re-reads the activation."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,7 @@ def _mlp_act_kernel(
     a_ptr,        # (N, I) output activation, same dtype as the input
     stats_ptr,    # (I,) fp32 accumulator of sum |a| (only touched when STATS)
     N, I, stride_n,
-    GATED: tl.constexpr, STATS: tl.constexpr,
+    GATED: tl.constexpr, GELU: tl.constexpr, STATS: tl.constexpr,  # GELU: the tanh gelu, else silu (gated only)
     BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -24,20 +25,22 @@ def _mlp_act_kernel(
     mask = (offs_n[:, None] < N) & (offs_i[None, :] < I)
     ptrs = offs_n[:, None] * stride_n + offs_i[None, :]
     g = tl.load(g_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-    if GATED:
-        u = tl.load(u_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-        a = g * tl.sigmoid(g) * u
-    else:
+    if GELU:
         # gelu, tanh approximation; tanh(y) = 2 * sigmoid(2y) - 1 keeps to ops every backend has.
         y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         a = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * y) - 1.0))
+    else:
+        a = g * tl.sigmoid(g)
+    if GATED:
+        u = tl.load(u_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+        a = a * u
     tl.store(a_ptr + ptrs, a.to(a_ptr.dtype.element_ty), mask=mask)
     if STATS:
         col = tl.sum(tl.where(mask, tl.abs(a), 0.0), axis=0)
         tl.atomic_add(stats_ptr + offs_i, col, mask=offs_i < I)
 
 
-def _launch(g: torch.Tensor, u: torch.Tensor | None, stats: torch.Tensor | None) -> torch.Tensor:
+def _launch(g: torch.Tensor, u: torch.Tensor | None, stats: torch.Tensor | None, gelu: bool) -> torch.Tensor:
     shape = g.shape
     g2 = g.reshape(-1, shape[-1]).contiguous()
     u2 = u.reshape(-1, shape[-1]).contiguous() if u is not None else g2
@@ -48,13 +51,18 @@ def _launch(g: torch.Tensor, u: torch.Tensor | None, stats: torch.Tensor | None)
         block_n = 32
         grid = (triton.cdiv(n, block_n), triton.cdiv(i, block_i))
         _mlp_act_kernel[grid](g2, u2, out, stats if stats is not None else out, n, i, g2.stride(0),
-                              GATED=u is not None, STATS=stats is not None, BLOCK_N=block_n, BLOCK_I=block_i)
+                              GATED=u is not None, GELU=gelu, STATS=stats is not None, BLOCK_N=block_n,
+                              BLOCK_I=block_i)
     return out.view(shape)
 
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | None = None) -> torch.Tensor:
-    return _launch(gate, up, neuron_stats)
+    return _launch(gate, up, neuron_stats, gelu=False)
+
+
+def geglu_triton(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | None = None) -> torch.Tensor:
+    return _launch(gate, up, neuron_stats, gelu=True)
 
 
 def gelu_triton(h: torch.Tensor, neuron_stats: torch.Tensor | None = None) -> torch.Tensor:
-    return _launch(h, None, neuron_stats)
+    return _launch(h, None, neuron_stats, gelu=True)

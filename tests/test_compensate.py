@@ -100,7 +100,8 @@ def _prefix_masked(original, report, upto):
 
 
 @pytest.mark.parametrize("family,allocation", [("llama_mha", "uniform"), ("phi3_gqa", "uniform"),
-                                               ("llama_gqa", "depth")])
+                                               ("llama_gqa", "depth"), ("gemma2_gqa", "uniform"),
+                                               ("gemma3_gqa", "depth"), ("qwen3_gqa", "depth")])
 def test_sequential_statistics_come_from_the_pruned_prefix(family, allocation):
     original = make_tiny(family)
     spec, geom = spec_for(original), Geometry.from_config(original.config)

@@ -99,15 +99,15 @@ def test_head_norms_rejects_bad_arguments_before_launch(bad):
 # ---------------------------------------------------------------- MLP activations
 @pytest.mark.parametrize("shape", [(1, 7), (7, 123), (123, 1023), (2, 5, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+@pytest.mark.parametrize("kind", ["swiglu", "geglu", "gelu"])
 def test_mlp_activation_kernels_match_twins(shape, dtype, kind):
     gate, up = _rand(*shape, dtype=dtype, seed=8), _rand(*shape, dtype=dtype, seed=9)
     stats = torch.zeros(shape[-1], dtype=torch.float32, device=DEVICE)
     stats_ref = torch.zeros(shape[-1], dtype=torch.float32)
     for _ in range(2):  # statistics accumulate across calls
-        if kind == "swiglu":
-            got = amp_kernels.swiglu(gate, up, neuron_stats=stats)
-            want = reference.swiglu(gate.cpu(), up.cpu(), neuron_stats=stats_ref)
+        if kind in ("swiglu", "geglu"):
+            got = getattr(amp_kernels, kind)(gate, up, neuron_stats=stats)
+            want = getattr(reference, kind)(gate.cpu(), up.cpu(), neuron_stats=stats_ref)
         else:
             got = amp_kernels.gelu_mlp_act(gate, neuron_stats=stats)
             want = reference.gelu_mlp_act(gate.cpu(), neuron_stats=stats_ref)
@@ -123,11 +123,14 @@ def test_mlp_twins_equal_torch_definitions():
     torch.testing.assert_close(stats, (F.silu(g) * u).abs().sum(0))
     from transformers.activations import ACT2FN
     torch.testing.assert_close(reference.gelu_mlp_act(g), ACT2FN["gelu_new"](g))
+    torch.testing.assert_close(reference.geglu(g, u), ACT2FN["gelu_pytorch_tanh"](g) * u)
 
 
 def test_mlp_activation_rejects_mismatches():
     with pytest.raises(ValueError, match="swiglu"):
         amp_kernels.swiglu(_rand(3, 8), _rand(3, 9))
+    with pytest.raises(ValueError, match="geglu"):
+        amp_kernels.geglu(_rand(3, 8), _rand(3, 9))
     with pytest.raises(ValueError, match="neuron_stats"):
         amp_kernels.gelu_mlp_act(_rand(3, 8), neuron_stats=torch.zeros(9, device=DEVICE))
 

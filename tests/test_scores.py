@@ -1,5 +1,6 @@
 """Scores equal a direct computation from activations captured on the dense model; padding never counts."""
 import copy
+import inspect
 
 import torch
 
@@ -88,6 +89,7 @@ def test_fused_mlp_statistics_equal_the_hook_path(family):
     """Calibration gathers neuron statistics inside the fused activation kernel; the plain down-proj hook
     (used for activations the kernels do not cover) must agree, and so must the layer's outputs."""
     from amp.prune.statistics import TokenMask, statistics_hooks
+    from amp.runtime.fused import fused_activation
     model = make_tiny(family)
     spec, geom = spec_for(model), Geometry.from_config(model.config)
     layer = model.model.layers[0]
@@ -96,10 +98,14 @@ def test_fused_mlp_statistics_equal_the_hook_path(family):
     mask[1, 7:] = False
     mask[2, 3:] = False
     position_ids = torch.arange(11)[None]
-    emb = model.model.rotary_emb(x, position_ids)
+    rotary = model.model.rotary_emb
+    emb = rotary(x, position_ids, "full_attention") if "layer_type" in inspect.signature(rotary.forward).parameters \
+        else rotary(x, position_ids)
+    act = getattr(model.config, spec.act_key)
+    assert fused_activation(spec.gated, act) is not None, f"{act}: no fused kernel, so nothing to compare"
     with torch.no_grad():
         results = []
-        for act in (model.config.hidden_act, None):
+        for act in (act, None):
             token_mask = TokenMask()
             token_mask.set(mask)
             with statistics_hooks(layer, spec, geom, token_mask, act) as stats:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
-                          Phi3ForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig,
+                          PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 258  # byte-level tokenizer below: <pad>, <eos>, 256 bytes
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, max_position_embeddings=128,
@@ -26,6 +27,24 @@ FAMILIES = {
     "phi3_gqa": (Phi3ForCausalLM, Phi3Config, dict(num_hidden_layers=4, num_attention_heads=8,
                                                      num_key_value_heads=4, resid_pdrop=0.0, embd_pdrop=0.0,
                                                      attention_dropout=0.0, pad_token_id=0)),
+    # head_dim given explicitly and not hidden / heads (6 x 16 = 96 on a 64 hidden), q_norm / k_norm per head
+    "qwen3_gqa": (Qwen3ForCausalLM, Qwen3Config, dict(num_hidden_layers=2, num_attention_heads=6,
+                                                        num_key_value_heads=3, head_dim=16)),
+    # sliding-window layers (window 8, shorter than the calibration samples) alternating with global ones,
+    # attention soft-capping, query_pre_attn_scalar, GeGLU, head_dim 12 (8 x 12 = 96 on a 48 hidden, which transformers 5 lets
+    # lose a KV group: 48 % 6 == 0)
+    "gemma2_gqa": (Gemma2ForCausalLM, Gemma2Config, dict(num_hidden_layers=4, num_attention_heads=8,
+                                                           num_key_value_heads=4, head_dim=12, sliding_window=8,
+                                                           hidden_size=48,
+                                                           query_pre_attn_scalar=20, attn_logit_softcapping=5.0,
+                                                           final_logit_softcapping=8.0)),
+    # Gemma 3: per-kind rotary tables (local base 10k, global 1M), q_norm / k_norm, sliding and global layers
+    "gemma3_gqa": (Gemma3ForCausalLM, Gemma3TextConfig, dict(num_hidden_layers=4, num_attention_heads=8,
+                                                               num_key_value_heads=4, head_dim=16, sliding_window=8,
+                                                               hidden_size=48,
+                                                               query_pre_attn_scalar=16,
+                                                               layer_types=["sliding_attention", "full_attention",
+                                                                            "sliding_attention", "full_attention"])),
 }
 
 

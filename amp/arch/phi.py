@@ -2,4 +2,5 @@
 from .base import ArchSpec
 
 PHI = ArchSpec(family="phi", classes=("PhiForCausalLM",), o="self_attn.dense",
-               mlp_in=("mlp.fc1",), down="mlp.fc2", gated=False, output_bias="native")
+               mlp_in=("mlp.fc1",), down="mlp.fc2", gated=False, output_bias="native",
+               hf=(("phi", "PhiDecoderLayer", "PhiModel"),))

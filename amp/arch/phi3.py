@@ -2,4 +2,5 @@
 from .base import ArchSpec
 
 PHI3 = ArchSpec(family="phi3", classes=("Phi3ForCausalLM",), q=None, k=None, v=None,
-                qkv="self_attn.qkv_proj", mlp_in=(), gate_up="mlp.gate_up_proj")
+                qkv="self_attn.qkv_proj", mlp_in=(), gate_up="mlp.gate_up_proj",
+                hf=(("phi3", "Phi3DecoderLayer", "Phi3Model"),))

@@ -23,6 +23,28 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=True))
 
 
+def _non_persistent_buffers(module: nn.Module):
+    """(owner, name) of buffers a checkpoint does not hold (Gemma's embedding scale, rotary tables): they stay
+    real on the meta skeleton and follow the module to the device and back."""
+    for sub in module.modules():
+        for name in getattr(sub, "_non_persistent_buffers_set", ()):
+            if sub._buffers.get(name) is not None:
+                yield sub, name
+
+
+def _move_buffers(module: nn.Module, device) -> None:
+    for sub, name in _non_persistent_buffers(module):
+        sub._buffers[name] = sub._buffers[name].to(device)
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Weights back to the meta device (freed); buffers the checkpoint does not hold back to the host."""
+    from accelerate.utils import set_module_tensor_to_device
+    for name in module.state_dict(keep_vars=True):
+        set_module_tensor_to_device(module, name, "meta")
+    _move_buffers(module, "cpu")
+
+
 class ModelSource:
     """A model the caller holds on the host: layers move to the device in the compute dtype and back."""
     streamed = False
@@ -91,6 +113,7 @@ class SafetensorsSource:
                                f"{tuple(value.shape)}; the config asks for {tuple(meta.shape)}")
             set_module_tensor_to_device(module, name, device, value=value, dtype=dtype)
             del value
+        _move_buffers(module, device)
 
     def load_layer(self, index: int, device, dtype) -> nn.Module:
         layer = self.layers[index]
@@ -98,7 +121,7 @@ class SafetensorsSource:
         return layer
 
     def release_layer(self, index: int) -> None:
-        self.layers[index].to("meta")
+        _to_meta(self.layers[index])
 
     @contextmanager
     def embeddings(self, device):
@@ -112,7 +135,7 @@ class SafetensorsSource:
             yield
         finally:
             for _, m in others:
-                m.to("meta") if _has_params(m) else m.to("cpu")
+                _to_meta(m) if _has_params(m) else m.to("cpu")
             self.model.tie_weights()  # the embedding was replaced: a tied lm_head follows it again
 
 

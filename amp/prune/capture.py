@@ -1,6 +1,9 @@
-"""The first decoder layer's inputs over the calibration set: the embeddings run (on the device, in the stored
-dtype), a stand-in for layer 0 records what it receives and stops the forward pass, and the hidden states go
-into the activation store; the other layer arguments (masks, rotary tables) are kept per batch."""
+"""The decoder layers' inputs over the calibration set, captured once: the embeddings run (on the device, in the
+stored dtype), and a stand-in for every decoder layer records the arguments the model's own forward hands it. Layer
+0's hidden states go into the activation store; the other arguments (masks, rotary tables) are kept per batch and
+per layer, since families with sliding-window and global layers (Gemma 2/3, Qwen3 with `layer_types`) give each
+kind of layer its own mask and, for Gemma 3, its own rotary tables. Layers that receive the same objects share one
+copy, so a model with two kinds of layer keeps two sets per batch."""
 from __future__ import annotations
 
 import torch
@@ -8,18 +11,24 @@ import torch.nn as nn
 
 from ..io.activations import ActivationStore
 
+_CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
+
 
 class _StopForward(Exception):
     pass
 
 
-class _InputCatcher(nn.Module):
-    """Stands in for the first decoder layer: records its inputs, then stops the forward pass."""
+class _WrongReturn(Exception):
+    """The model's loop did not get back the hidden states it expects (some families return a tuple)."""
 
-    def __init__(self, layer: nn.Module, on_input):
+
+class _LayerCatcher(nn.Module):
+    """Stands in for decoder layer `index`: records its arguments and hands the hidden states back unchanged (as
+    the tensor or the 1-tuple the model's loop expects); the last one stops the forward pass."""
+
+    def __init__(self, layer: nn.Module, index: int, last: bool, on_input, as_tuple: bool):
         super().__init__()
-        self.layer = layer
-        self.on_input = on_input
+        self.layer, self.index, self.last, self.on_input, self.as_tuple = layer, index, last, on_input, as_tuple
 
     def __getattr__(self, name):
         # The model's forward may read layer attributes (e.g. attention_type); answer for the real layer.
@@ -29,8 +38,10 @@ class _InputCatcher(nn.Module):
             return getattr(self._modules["layer"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.on_input(hidden_states, args, kwargs)
-        raise _StopForward
+        self.on_input(self.index, hidden_states, args, kwargs)
+        if self.last:
+            raise _StopForward
+        return (hidden_states,) if self.as_tuple else hidden_states
 
 
 def _to(obj, device):
@@ -55,36 +66,85 @@ def _in_dtype(obj, dtype):
     return obj
 
 
+def _same(a, b) -> bool:
+    """The same objects, value by value (a mask or rotary table the model built once for one kind of layer)."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or (not isinstance(a, torch.Tensor) and type(a) is type(b) and a == b)
+
+
+class LayerInputs:
+    """Per calibration batch: the distinct (args, kwargs) sets the layers receive, and which set each layer gets."""
+
+    def __init__(self):
+        self.variants: list[list] = []    # batch -> [(args, kwargs), ...]
+        self.of_layer: list[list[int]] = []  # batch -> layer -> variant
+
+    def __len__(self) -> int:
+        return len(self.variants)
+
+    def get(self, batch: int, layer: int):
+        return self.variants[batch][self.of_layer[batch][layer]]
+
+
 @torch.no_grad()
 def capture_layer_inputs(source, batches, device: torch.device, dtype: torch.dtype, store: ActivationStore,
-                         keep_kwargs_on) -> list:
+                         keep_kwargs_on) -> LayerInputs:
     """Runs the embeddings (on `device`, in the stored dtype: a float32 copy of a large vocabulary's embedding
     would cost more than a layer) and puts what the first decoder layer receives into `store`, in `dtype`;
-    returns each batch's other layer arguments (masks, rotary tables), kept on `keep_kwargs_on`."""
-    layers = source.layers
-    extras: list = []
+    returns every layer's other arguments per batch, in `dtype` on `keep_kwargs_on`. Rotary tables are computed
+    in `dtype` (the rotary modules see their input cast to it), not rounded from the stored dtype."""
+    layers, n = source.layers, len(source.layers)
+    out = LayerInputs()
+    seen: list = []   # this batch's raw (args, kwargs) per layer, before the cast and move
+    expected = {}
 
-    rotary = getattr(source.model.model, "rotary_emb", None)
-
-    def on_input(hidden, args, kwargs):
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
+    def on_input(index, hidden, args, kwargs):
+        if index == 0:
+            expected["shape"] = hidden.shape
+            store.put(len(out), hidden.to(dtype))  # the embeddings ran in the stored dtype; the cast up is exact
+        elif not isinstance(hidden, torch.Tensor) or hidden.shape != expected["shape"]:
+            raise _WrongReturn
+        kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KEYS}
         kwargs["use_cache"] = False
-        hidden = hidden.to(dtype)  # the embeddings ran in the stored dtype; the cast up is exact
-        if rotary is not None and "position_embeddings" in kwargs and kwargs.get("position_ids") is not None:
-            # The rotary tables come out in the embeddings' dtype: recompute them in the compute dtype.
-            kwargs["position_embeddings"] = rotary(hidden, kwargs["position_ids"])
-        store.put(len(extras), hidden)
-        extras.append(_to(_in_dtype((args, kwargs), dtype), keep_kwargs_on))
+        seen.append((args, kwargs))
 
-    first = layers[0]
-    layers[0] = _InputCatcher(first, on_input)
+    def cast_rotary_input(_module, args):
+        return (args[0].to(dtype), *args[1:])
+
+    rotaries = [m for name, m in source.model.model.named_children() if "rotary" in name]
+    hooks = [m.register_forward_pre_hook(cast_rotary_input) for m in rotaries]
+    originals = list(layers)
+    as_tuple = False
     try:
         with source.embeddings(device):
             for ids, mask in batches:
-                try:
-                    source.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                except _StopForward:
-                    pass
+                for attempt in (0, 1):
+                    seen.clear()
+                    for i, layer in enumerate(originals):
+                        layers[i] = _LayerCatcher(layer, i, i == n - 1, on_input, as_tuple)
+                    try:
+                        source.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                    except _StopForward:
+                        break
+                    except _WrongReturn:
+                        if attempt:
+                            raise
+                        as_tuple = not as_tuple  # the loop indexes the layer's output: hand back a 1-tuple
+                variants, of_layer = [], []
+                for args, kwargs in seen:
+                    match = next((v for v, raw in enumerate(variants) if _same(raw, (args, kwargs))), None)
+                    if match is None:
+                        variants.append((args, kwargs))
+                        match = len(variants) - 1
+                    of_layer.append(match)
+                out.variants.append([_to(_in_dtype(v, dtype), keep_kwargs_on) for v in variants])
+                out.of_layer.append(of_layer)
     finally:
-        layers[0] = first
-    return extras
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        for h in hooks:
+            h.remove()
+    return out

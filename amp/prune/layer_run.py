@@ -64,7 +64,7 @@ class PruneRun:
                                                            TORCH_DTYPES.get(config.compute_dtype))
         self.generator = torch.Generator().manual_seed(config.seed)
         self.token_mask = TokenMask()
-        self.store, self.extras, self.masks, self.offload = None, [], [], None
+        self.store, self.inputs, self.masks, self.offload = None, None, [], None
         self.bias = config.bias and self.spec.output_bias != "none"
         if config.bias and not self.bias and config.criterion != "flap":
             raise AmpError(f"--compensate {config.compensate}: {type(self.model).__name__} cannot hold an "
@@ -74,8 +74,12 @@ class PruneRun:
         self.compensation_errors: list[dict] = []
         self.calibration, self.pad_id, self.staging = None, 0, None
 
-    def to_device(self, extra):
-        return extra if self.offload["where"] == "device" else _to(extra, self.device)
+    def layer_args(self, index: int):
+        """batch -> (args, kwargs) that layer `index` receives (its own mask and rotary tables), on the device."""
+        def args_of(b: int):
+            extra = self.inputs.get(b, index)
+            return extra if self.offload["where"] == "device" else _to(extra, self.device)
+        return args_of
 
     def capture(self, calibration, pad_id: int, staging) -> int:
         """Runs the embeddings over the calibration set into a new activation store (the first layer's input)."""
@@ -91,7 +95,7 @@ class PruneRun:
                                         _layer_bytes(self.source.layers[0], self.dtype))
             self.store = ActivationStore(shapes, self.dtype, where, self.device, staging)
             home = self.device if where == "device" else torch.device("cpu")
-            self.extras = capture_layer_inputs(self.source, batches, self.device, self.dtype, self.store, home)
+            self.inputs = capture_layer_inputs(self.source, batches, self.device, self.dtype, self.store, home)
             self.masks = [None if bool(mask.all()) else mask.bool().to(self.device) for _, mask in batches]
             self.offload = {"where": where, "why": why, "activation_bytes": act_bytes}
             return sum(int(m.sum()) for _, m in batches)
@@ -110,12 +114,12 @@ class PruneRun:
             finally:
                 self.source.release_layer(index)
 
-    def observe(self, layer, sensitivity=None, gram: bool = False, dense: bool = True) -> Observation:
-        """Scores (and what compensation needs) of a resident layer. `dense`: the store moves on to the layer's
-        dense outputs; a sequential prune passes False and moves it on after the cut (`propagate`)."""
+    def observe(self, index: int, layer, sensitivity=None, gram: bool = False, dense: bool = True) -> Observation:
+        """Scores (and what compensation needs) of resident layer `index`. `dense`: the store moves on to the
+        layer's dense outputs; a sequential prune passes False and moves it on after the cut (`propagate`)."""
         with self.timer.phase("calibrate"):
-            return observe_layer(layer, self.spec, self.geom, self.config, self.store, self.extras, self.masks,
-                                 self.to_device, getattr(self.model.config, "hidden_act", None), self.generator,
+            return observe_layer(layer, self.spec, self.geom, self.config, self.store, self.layer_args(index),
+                                 self.masks, getattr(self.model.config, self.spec.act_key, None), self.generator,
                                  self.token_mask, sensitivity, gram=gram, propagate=dense,
                                  means=self.bias and not self.refit)  # bias+refit: the Gram's affine fit
 
@@ -134,11 +138,12 @@ class PruneRun:
                 f"a refit needs e.g. --calib c4 --nsamples {math.ceil(compensate.MIN_TOKENS_PER_CHANNEL * widest / self.config.seqlen)}")
 
     @torch.no_grad()
-    def propagate(self, layer, shape: dict) -> None:
+    def propagate(self, index: int, layer, shape: dict) -> None:
         """Sequential calibration: the store takes the PRUNED layer's outputs, the next layer's inputs."""
+        args_of = self.layer_args(index)
         with self.timer.phase("calibrate"), _pruned_view(layer, self.spec, self.model.config, shape):
             for b in range(len(self.store)):
-                args, kwargs = self.to_device(self.extras[b])
+                args, kwargs = args_of(b)
                 out = layer(self.store.get(b), *args, **kwargs)
                 self.store.put(b, out[0] if isinstance(out, tuple) else out)
 
@@ -177,7 +182,7 @@ class PruneRun:
             slicing.slice_attention(layer, self.spec, g, kept_heads, kept_kv, head_map)
             slicing.slice_mlp(layer, self.spec, g, kept_neurons)
         if self.config.sequential:
-            self.propagate(layer, {"num_attention_heads": len(kept_heads), "num_key_value_heads": len(kept_kv),
+            self.propagate(index, layer, {"num_attention_heads": len(kept_heads), "num_key_value_heads": len(kept_kv),
                                    "intermediate_size": len(kept_neurons), "head_map": head_map})
         with self.timer.phase("write"):
             sink.put(index, layer)

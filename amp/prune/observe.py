@@ -104,13 +104,14 @@ def measure_sensitivity(layer, spec: ArchSpec, geom: Geometry, batches, obs: Obs
 
 
 @torch.no_grad()
-def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, extras, masks, to_device, hidden_act,
+def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_args, masks, hidden_act,
                   generator, token_mask: TokenMask, sensitivity: dict | None = None, gram: bool = False,
                   propagate: bool = True, means: bool = False) -> Observation:
     """Statistics and scores of one resident layer; with `propagate` the store's batches become the layer's
     (dense) outputs (a sequential prune propagates the pruned layer's outputs itself, after the cut).
     `sensitivity`: {"unit", "attention_max", "mlp_max"} to measure output-change curves as well;
-    `gram`: the Gram matrices of the output projections' inputs (a refit); `means`: their means (a bias)."""
+    `gram`: the Gram matrices of the output projections' inputs (a refit); `means`: their means (a bias);
+    `layer_args(b)`: batch b's (args, kwargs) for this layer, on the device."""
     kept_inputs = []
     stats = None
     if config.needs_calibration:
@@ -120,7 +121,7 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, extras, 
             for b in range(len(store)):
                 token_mask.set(masks[b])
                 x = store.get(b)
-                args, kwargs = to_device(extras[b])
+                args, kwargs = layer_args(b)
                 if sensitivity is not None and tokens < SENSITIVITY_TOKENS:
                     kept_inputs.append((x.clone(), args, kwargs, masks[b]))
                     tokens += x.shape[0] * x.shape[1] if masks[b] is None else int(masks[b].sum())

@@ -60,7 +60,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             with run.timer.phase("write"):
                 sink.begin(target)
             for index, layer in run.layers(f"pruning ({config.criterion})"):
-                obs = run.observe(layer, gram=run.refit, dense=not config.sequential)
+                obs = run.observe(index, layer, gram=run.refit, dense=not config.sequential)
                 kept.append(run.cut(index, layer, obs, sink, the_plan.attn_units_removed, the_plan.neurons_removed))
         else:
             target, kept, allocation = _two_passes(run, sink, the_plan)
@@ -94,7 +94,7 @@ def _two_passes(run: PruneRun, sink, the_plan):
         sensitivity = {"unit": "query" if query and geom.is_gqa else "group",
                        "attention_max": floor(geom.num_heads if query and geom.is_gqa else geom.num_kv_heads),
                        "mlp_max": floor(geom.intermediate)}
-    observations = [run.observe(layer, sensitivity) for _, layer in run.layers("observing")]
+    observations = [run.observe(index, layer, sensitivity) for index, layer in run.layers("observing")]
     budget = the_plan.params_removed_per_layer * len(observations) if config.allocation == "uniform" and not query \
         else round(the_plan.target_ratio * the_plan.total_params)
     removed, inputs = budget_module.allocate(observations, units, geom, config.allocation, query, config.min_keep,
@@ -119,7 +119,7 @@ def _two_passes(run: PruneRun, sink, the_plan):
     for index, layer in run.layers(f"pruning ({config.criterion}, {config.allocation})"):
         obs, within = observations[index], None
         if again:
-            fresh = run.observe(layer, gram=run.refit, dense=not config.sequential)
+            fresh = run.observe(index, layer, gram=run.refit, dense=not config.sequential)
             if config.sequential:  # re-ranked on the pruned prefix's outputs, within the allocated shapes
                 obs, within = fresh, (kept_kv[index] if query and geom.is_gqa else None)
             else:

@@ -2,7 +2,7 @@
 
 Per layer: for each query head the sum over calibration tokens of the L1 norm of what it writes through the
 output projection (the fused `head_norms` kernel), and for each MLP neuron the sum of |input of the down
-projection| (gathered by the fused `swiglu` / `gelu_mlp_act` kernels in the MLP's own forward pass).
+projection| (gathered by the fused `swiglu` / `geglu` / `gelu_mlp_act` kernels in the MLP's own forward pass).
 With `moments=True` (the wanda-sp and flap baselines, a bias compensation) also the per-channel sum and sum of
 squares (fp64) of the inputs of the output and down projections; with `gram=True` (a refit) their Gram
 matrices. Padding tokens are excluded through the mask the prune run sets before each batch.
@@ -17,7 +17,7 @@ import torch
 import amp_kernels
 
 from ..arch import ArchSpec, Geometry
-from ..runtime.fused import FUSED_ACTS, mlp_inputs
+from ..runtime.fused import fused_activation, mlp_inputs
 from .compensate import Gram
 
 
@@ -81,16 +81,12 @@ class TokenMask:
 
 
 
-def _fused_mlp_forward(mlp_in, down, spec: ArchSpec, stats: "LayerStats", token_mask: TokenMask):
+def _fused_mlp_forward(mlp_in, down, kernel, stats: "LayerStats", token_mask: TokenMask):
     """The MLP's forward on valid tokens only, its activation (and the neuron statistics) in one kernel call.
     Padding rows get zeros: with right padding and a causal mask they never reach a valid token."""
     def forward(x):
         rows = token_mask.select(x)
-        if spec.gated:
-            gate, up = mlp_in(rows)
-            a = amp_kernels.swiglu(gate, up, neuron_stats=stats.neuron_abs)
-        else:
-            a = amp_kernels.gelu_mlp_act(mlp_in(rows)[0], neuron_stats=stats.neuron_abs)
+        a = kernel(*mlp_in(rows), neuron_stats=stats.neuron_abs)
         y = down(a)
         if token_mask.flat is None:
             return y.view(*x.shape[:-1], y.shape[-1])
@@ -116,7 +112,8 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
         stats.o_gram = Gram.zeros(geom.num_heads * geom.head_dim, device)
         stats.down_gram = Gram.zeros(geom.intermediate, device)
 
-    fused = hidden_act in FUSED_ACTS[spec.gated]  # any other activation falls back to a down-proj hook
+    kernel = fused_activation(spec.gated, hidden_act)  # any other activation falls back to a down-proj hook
+    fused = kernel is not None
 
     def on_o_input(_module, args):
         x = token_mask.select(args[0])
@@ -142,7 +139,7 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
         handles.append(down.register_forward_pre_hook(on_down_input))
     try:
         if fused:
-            mlp.forward = _fused_mlp_forward(mlp_inputs(layer, spec), down, spec, stats, token_mask)
+            mlp.forward = _fused_mlp_forward(mlp_inputs(layer, spec), down, kernel, stats, token_mask)
         yield stats
     finally:
         for h in handles:

@@ -49,14 +49,37 @@ def head_map_of(module, num_heads: int, num_kv_heads: int, device) -> tuple[torc
     return head_map, cache["even"]
 
 
+def _softcapped(query, k, v, attention_mask, scaling, causal, softcap: float):
+    """Gemma 2's attention: scores soft-capped (softcap * tanh(scores / softcap)) before the mask and the softmax,
+    which SDPA cannot do; computed as transformers' eager path does (softmax in float32)."""
+    t, s = query.shape[2], k.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, k.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., :s]
+    elif causal and t > 1:
+        qpos = torch.arange(t, device=query.device)[:, None] + (s - t)
+        scores = scores.masked_fill(torch.arange(s, device=query.device)[None, :] > qpos, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, v)
+
+
 def indexed_attention(query, key, value, head_map, attention_mask=None, scaling=None, causal=True, dropout=0.0,
-                      group: int = 0):
+                      group: int = 0, softcap: float | None = None):
     """The index-based path: every query head gets its own KV head gathered, then SDPA (any mask). Causal
     masking aligns the last query with the last key, as the kernel and its twin do. `group`: the group size when
     the map is the even grouping; a decode step then packs each group's queries onto its KV head instead of
-    copying the cache (as transformers' own SDPA path does)."""
+    copying the cache (as transformers' own SDPA path does). `softcap` (Gemma 2): the eager soft-capped path."""
     b, h, t, d = query.shape
     s = key.shape[2]
+    if softcap:
+        k = key if group == 1 else key.index_select(1, head_map)
+        v = value if group == 1 else value.index_select(1, head_map)
+        return _softcapped(query, k, v, attention_mask, scaling, causal, softcap)
     if group > 1 and t == 1 and attention_mask is None and dropout == 0.0:
         packed = query.reshape(b, h // group, group, d)  # heads of a group are contiguous
         out = F.scaled_dot_product_attention(packed, key, value, scale=scaling)
@@ -85,10 +108,13 @@ def _attention(module, query, key, value, attention_mask, dropout: float, scalin
         raise AmpError("the amp attention does not return attention weights")
     head_map, group = head_map_of(module, query.shape[1], key.shape[1], query.device)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if kernels and attention_mask is None and dropout == 0.0 and use_triton(query):
+    softcap = kwargs.get("softcap")
+    # A sliding window arrives as a mask; with no mask the window covers every key (the mask was skipped).
+    if kernels and attention_mask is None and dropout == 0.0 and not softcap and use_triton(query):
         out = amp_kernels.gqa_attention(query, key, value, head_map, causal=causal, scale=scaling)
     else:
-        out = indexed_attention(query, key, value, head_map, attention_mask, scaling, causal, dropout, group)
+        out = indexed_attention(query, key, value, head_map, attention_mask, scaling, causal, dropout, group,
+                                softcap)
     return out.transpose(1, 2).contiguous(), None
 
 

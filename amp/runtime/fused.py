@@ -1,9 +1,11 @@
 """`accelerate_`: the compact fused attention and MLP swapped into a transformers model in place, and back.
 
 Attention switches to "amp_gqa" (runtime/attention.py). The MLP runs through the fused activation kernels
-(`swiglu`, `gelu_mlp_act`) where Triton runs, and through the stock expression in the model's dtype on a CPU;
+(`swiglu`, `geglu`, `gelu_mlp_act`) where Triton runs, and through the stock expression in the model's dtype on a CPU;
 `swiglu_matmul` stays unused until a GPU measurement shows that it beats cuBLAS plus the activation. Shapes are
-read from the modules found, so dense, uniform and per-layer models (uneven head maps included) all work.
+read from the modules found, so dense, uniform and per-layer models (uneven head maps included) all work. A
+mixture-of-experts block keeps transformers' own expert loop (only its attention is swapped), and an activation
+the kernels do not compute keeps the stock MLP.
 """
 from __future__ import annotations
 
@@ -19,18 +21,25 @@ from ..common.errors import AmpError
 from .attention import ATTN_NAME, register
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Activations the fused kernels compute, per MLP kind (calibration uses the same rule).
-FUSED_ACTS = {True: ("silu", "swish"), False: ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")}
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-def _swiglu(gate, up):
-    # A CPU has no fused kernel: the twin's float32 round trip only costs memory traffic there (0.66x stock at
-    # 2,048 bf16 tokens of a LLaMA-3-8B layer, measured), so the CPU runs the stock expression in the model's dtype.
-    return amp_kernels.swiglu(gate, up) if use_triton(gate) else F.silu(gate) * up
+def fused_activation(gated: bool, act: str | None):
+    """The kernel that computes this MLP's activation (and its neuron statistics), or None: SwiGLU and GeGLU
+    for gated MLPs, the tanh gelu for plain ones. Calibration and accelerate_ use the same rule."""
+    if gated:
+        return amp_kernels.swiglu if act in ("silu", "swish") else amp_kernels.geglu if act in _TANH_GELUS else None
+    return amp_kernels.gelu_mlp_act if act in _TANH_GELUS else None
 
 
-def _gelu(h):
-    return amp_kernels.gelu_mlp_act(h) if use_triton(h) else F.gelu(h, approximate="tanh")
+def _stock(kernel):
+    """The same activation in torch, in the model's dtype: a CPU has no fused kernel, and the twin's float32 round
+    trip only costs memory traffic there (0.66x stock at 2,048 bf16 tokens of a LLaMA-3-8B layer, measured)."""
+    if kernel is amp_kernels.swiglu:
+        return lambda gate, up: F.silu(gate) * up
+    if kernel is amp_kernels.geglu:
+        return lambda gate, up: F.gelu(gate, approximate="tanh") * up
+    return lambda h: F.gelu(h, approximate="tanh")
 
 
 def mlp_inputs(layer, spec: ArchSpec):
@@ -42,16 +51,13 @@ def mlp_inputs(layer, spec: ArchSpec):
     return lambda x: tuple(m(x) for m in mods)
 
 
-def _fused_mlp(layer, spec: ArchSpec):
+def _fused_mlp(layer, spec: ArchSpec, kernel):
     """The MLP's forward through the fused activation kernel (the projections stay nn.Linear)."""
-    inputs, down = mlp_inputs(layer, spec), spec.get(layer, spec.down)
-    if spec.gated:
-        def forward(x):
-            gate, up = inputs(x)
-            return down(_swiglu(gate.contiguous(), up.contiguous()))
-    else:
-        def forward(x):
-            return down(_gelu(inputs(x)[0]))
+    inputs, down, stock = mlp_inputs(layer, spec), spec.get(layer, spec.down), _stock(kernel)
+
+    def forward(x):
+        parts = [p.contiguous() for p in inputs(x)]
+        return down(kernel(*parts) if use_triton(parts[0]) else stock(*parts))
     return forward
 
 
@@ -86,11 +92,13 @@ def accelerate_(model, enable: bool = True):
     if getattr(model, "_amp_stock_attn", None) is None:
         model._amp_stock_attn = model.config._attn_implementation
         model.set_attn_implementation(ATTN_NAME)
-    fused = getattr(model.config, "hidden_act", None) in FUSED_ACTS[spec.gated]
-    if fused:
-        for layer in layers:
+    kernel = fused_activation(spec.gated, getattr(model.config, spec.act_key, None))
+    if kernel is not None:
+        for index, layer in enumerate(layers):
+            if spec.moe is not None and spec.moe.is_sparse(model.config, index):
+                continue  # a mixture-of-experts block keeps transformers' own expert loop
             mlp = layer.get_submodule(spec.mlp)
-            mlp.forward = _fused_mlp(layer, spec)
+            mlp.forward = _fused_mlp(layer, spec, kernel)
     return model
 
 

@@ -2,8 +2,10 @@
 patch that makes transformers build them (checking a checkpoint's tensors against the form is io/loading.py's).
 
 config.json keeps the dense model's global sizes and adds `amp_per_layer`: one entry per decoder layer with its
-`num_attention_heads`, `num_key_value_heads`, `intermediate_size` and `head_map` (query head -> KV head, uneven
-groups allowed). transformers 5.x has a per-layer form of its own (`per_layer_config`, HeterogeneousConfigMixin);
+`num_attention_heads`, `num_key_value_heads` and `head_map` (query head -> KV head, uneven groups allowed), and the
+sizes of its MLP under the family's own config keys: `intermediate_size` for a dense MLP; for a mixture-of-experts
+layer the expert count and width (Mixtral: `num_local_experts`, `intermediate_size`; Qwen3-MoE: `num_experts`,
+`moe_intermediate_size`). A key a layer does not use is left out and read from the global config. transformers 5.x has a per-layer form of its own (`per_layer_config`, HeterogeneousConfigMixin);
 checked in 5.24 and not usable for these families: LlamaConfig reads per-layer attributes globally while it is
 built (AmbiguousGlobalPerLayerAttributeError), every layer's config is validated for hidden_size %
 num_attention_heads == 0 (which single-head pruning breaks), and no modelling code is built from it.
@@ -17,13 +19,16 @@ from __future__ import annotations
 
 import importlib
 
+from ..arch import SPECS
 from ..common.errors import AmpError
 from .attention import ATTN_INDEXED, register
 
 KEY = "amp_per_layer"
 MIN_TRANSFORMERS = (4, 57)
-FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi": "Phi", "phi3": "Phi3"}
+FIELDS = ("num_attention_heads", "num_key_value_heads")     # every entry has these (and head_map)
+# The same quantity under two names: transformers 5 reads a MoE config's expert count as num_local_experts through
+# attribute_map, Qwen3-MoE's modelling code (and transformers 4.57) asks for num_experts.
+ALIASES = {"num_experts": "num_local_experts", "num_local_experts": "num_experts"}
 
 
 class LayerConfig:
@@ -32,13 +37,18 @@ class LayerConfig:
 
     def __init__(self, base, entry: dict):
         self.__dict__["_base"] = base
-        self.__dict__["_own"] = {**{k: entry[k] for k in FIELDS}, "amp_head_map": list(entry["head_map"])}
+        own = {k: v for k, v in entry.items() if k != "head_map"}
+        self.__dict__["_own"] = {**own, "amp_head_map": list(entry["head_map"])}
 
     def __getattr__(self, name):
         own, base = self.__dict__.get("_own"), self.__dict__.get("_base")
         if own is None or base is None:  # mid-copy (copy / pickle build the object before its state)
             raise AttributeError(name)
-        return own[name] if name in own else getattr(base, name)
+        if name in own:
+            return own[name]
+        if ALIASES.get(name) in own:
+            return own[ALIASES[name]]
+        return getattr(base, name)
 
     def __setattr__(self, name, value):
         self.__dict__["_own"][name] = value
@@ -79,10 +89,11 @@ def validate(config) -> None:
         if missing:
             raise AmpError(f"{KEY}[{i}] lacks {', '.join(missing)}")
         heads, kv, head_map = e["num_attention_heads"], e["num_key_value_heads"], list(e["head_map"])
-        if heads < 1 or kv < 1 or e["intermediate_size"] < 1 or len(head_map) != heads or \
+        sizes = {k: v for k, v in e.items() if k != "head_map"}
+        if any(not isinstance(v, int) or v < 1 for v in sizes.values()) or len(head_map) != heads or \
                 sorted(set(head_map)) != list(range(kv)):
             raise AmpError(f"{KEY}[{i}] is inconsistent: {heads} heads, {kv} KV heads, head map {head_map}, "
-                           f"intermediate {e['intermediate_size']}")
+                           f"sizes {sizes}")
 
 
 def _patch_layer(cls) -> None:
@@ -117,12 +128,12 @@ def _patch_model(cls) -> None:
 
 def install() -> None:
     """Patches the supported families' decoder-layer and base-model classes (once)."""
-    for module, prefix in _FAMILIES.items():
-        mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
-        for cls, patch in ((getattr(mod, f"{prefix}DecoderLayer"), _patch_layer),
-                           (getattr(mod, f"{prefix}Model"), _patch_model)):
-            if not getattr(cls.__init__, "amp_patched", False):
-                patch(cls)
+    for spec in SPECS:
+        for module, layer_cls, model_cls in spec.hf:
+            mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+            for cls, patch in ((getattr(mod, layer_cls), _patch_layer), (getattr(mod, model_cls), _patch_model)):
+                if not getattr(cls.__init__, "amp_patched", False):
+                    patch(cls)
 
 
 def meta_model(config, dtype=None):
@@ -155,15 +166,20 @@ def adopt(model) -> None:
 
 
 def per_layer_config(config, shapes: list[dict]):
-    """The config of a model with per-layer `shapes` (dicts of FIELDS and head_map): plain if every layer has the
-    same sizes and an even map (then no `import amp` is needed to load it), else with `amp_per_layer`."""
+    """The config of a model with per-layer `shapes` (dicts of sizes under config keys, and head_map): plain if
+    every key has one value over the layers that use it and every map is even (then no `import amp` is needed to
+    load it), else with `amp_per_layer`."""
     import copy
     target = copy.deepcopy(config)
-    first = shapes[0]
-    if all(s == first for s in shapes) and not is_uneven(first):
-        for k in FIELDS:
-            setattr(target, k, first[k])
+    values: dict[str, set] = {}
+    for shape in shapes:
+        for k, v in shape.items():
+            if k != "head_map":
+                values.setdefault(k, set()).add(int(v))
+    if all(len(v) == 1 for v in values.values()) and not any(is_uneven(s) for s in shapes):
+        for k, v in values.items():
+            setattr(target, k, next(iter(v)))
         return target
-    setattr(target, KEY, [{**{k: s[k] for k in FIELDS}, "head_map": [int(h) for h in s["head_map"]]}
-                          for s in shapes])
+    setattr(target, KEY, [{**{k: int(v) for k, v in s.items() if k != "head_map"},
+                           "head_map": [int(h) for h in s["head_map"]]} for s in shapes])
     return target
