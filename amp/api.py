@@ -8,11 +8,13 @@ import time
 
 import torch
 
+from .arch import spec_for
 from .common.dtypes import TORCH_DTYPES, resolve_compute_dtype
 from .common.errors import AmpError
 from .common.profiling import PhaseTimer
 from .io import folders, models
 from .io.calibration import load_calibration
+from .io.layouts import add_legacy_keys
 from .io.safetensors_io import Checkpoint, parse_size
 from .io.sinks import ModelSink, ShardSink
 from .io.sources import ModelSource, SafetensorsSource
@@ -93,7 +95,7 @@ def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwr
         if config.stream:
             with timer.phase("load"):
                 source = SafetensorsSource(folder, ckpt, storage)
-            sink = ShardSink(tmp, ckpt, source.storage_dtype, parse_size(config.max_shard_size))
+            sink = ShardSink(tmp, ckpt, source.storage_dtype, parse_size(config.max_shard_size), source.layout)
             try:
                 report = _prune(source, sink, config, calibration, pad_id, timer, progress, tmp, probe)
             finally:
@@ -105,6 +107,7 @@ def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwr
                             probe)
             with timer.phase("write"):
                 model.save_pretrained(tmp, safe_serialization=True, max_shard_size=config.max_shard_size)
+                add_legacy_keys(tmp, spec_for(model))
                 report["memory"]["bytes_written"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         with timer.phase("write"):
             tokenizer.save_pretrained(tmp)

@@ -10,7 +10,7 @@ from .api import prune_checkpoint
 from .common.errors import AmpError
 from .io.folders import write_json_atomic
 from .io.info import describe
-from .prune.config import ALLOCATIONS, COMPENSATIONS, CRITERIA, DEVICES, DTYPES, HEADS, OFFLOADS, PruneConfig
+from .prune.config import ALLOCATIONS, COMPENSATIONS, CRITERIA, DEVICES, DTYPES, HEADS, MOE, OFFLOADS, PruneConfig
 from .quality.evaluate import evaluate
 from .quality.generation import generate_text
 from .quality.table import markdown
@@ -57,6 +57,9 @@ def _prune_parser(sub):
                         "(measured output change, one budget solve)")
     p.add_argument("--heads", default="auto", choices=HEADS,
                    help="GQA models: prune whole KV groups or single query heads (auto: group when uniform)")
+    p.add_argument("--moe", default="auto", choices=MOE,
+                   help="mixture-of-experts layers: remove whole experts, expert neurons (the same count in every "
+                        "expert of a layer), or let the budget decide (auto)")
     p.add_argument("--min-keep", type=float, default=0.1,
                    help="per-layer floor: every layer keeps at least this share of its heads and of its neurons")
     p.add_argument("--depth-range", default="0.5,1.5",
@@ -212,7 +215,7 @@ def cmd_prune(args) -> int:
                          offload=args.offload, stream=not args.no_stream, max_shard_size=args.max_shard_size,
                          allocation=args.allocation, heads=args.heads, min_keep=args.min_keep,
                          depth_range=_pair(args.depth_range), compensate=args.compensate, damp=args.damp,
-                         sequential=args.sequential)
+                         sequential=args.sequential, moe=args.moe)
     recovery = _recover_config(args, prefix="recover-") if args.recover else None
     if not args.recover and args.teacher:
         raise AmpError("--teacher is a recovery flag: add --recover")
@@ -227,10 +230,18 @@ def cmd_prune(args) -> int:
               f"{pl['kv_heads'][1]}, neurons {pl['neurons'][0]} -> {pl['neurons'][1]}")
     else:
         heads = [len(layer["kept_heads"]) for layer in report["layers"]]
-        neurons = [len(layer["kept_neurons"]) for layer in report["layers"]]
+        neurons = [len(layer["kept_neurons"]) for layer in report["layers"] if "kept_neurons" in layer]
         print(f"per layer ({report['allocation']['method']}, {report['allocation']['heads']} heads): query heads "
-              f"{' '.join(map(str, heads))} of {pl['heads'][0]}; neurons {min(neurons)}..{max(neurons)} of "
-              f"{pl['neurons'][0]}")
+              f"{' '.join(map(str, heads))} of {pl['heads'][0]}" +
+              (f"; neurons {min(neurons)}..{max(neurons)} of {pl['neurons'][0]}" if neurons else ""))
+    if "moe" in report:
+        moe = report["moe"]
+        experts = [len(layer["kept_experts"]) for layer in report["layers"] if "kept_experts" in layer]
+        widths = [len(layer["kept_expert_neurons"][0]) for layer in report["layers"] if "kept_experts" in layer]
+        before, after = moe["active_params_per_token"]
+        print(f"experts ({moe['mode']}): {' '.join(map(str, experts))} of {moe['experts'][0]} per MoE layer, width "
+              f"{min(widths)}..{max(widths)} of {moe['expert_width'][0]}; parameters active per token {before:,} -> "
+              f"{after:,} ({moe['experts_per_token']} experts per token)")
     cal = report["calibration"]
     if cal["used"]:
         comp = report["compensation"]

@@ -1,12 +1,17 @@
 """Streaming vs in-memory pruning of a checkpoint larger than a comfortable share of host memory.
 
-Writes (once, into a cache folder) a synthetic LLaMA-architecture checkpoint with real LLaMA-2-7B layer shapes
-(hidden 4096, 32 heads, intermediate 11008, vocab 32000, random bf16 weights, untied lm_head) and enough layers
-to be at least 6 GB on disk, then prunes it at 20 % on this machine twice, each in its own process: streamed (the
-default) and in memory (--no-stream). Recorded side by side: peak RSS of the process (the kernel's own count,
-ru_maxrss through wait4), wall time per phase, bytes read and written, and the checkpoint's size.
+Writes (once, into a cache folder) a synthetic checkpoint with real layer shapes, random bf16 weights and enough
+layers to be at least 6 GB on disk, then prunes it at 20 % on this machine, each prune in its own process:
+streamed (the default) and in memory (--no-stream). Recorded side by side: peak RSS of the process (the kernel's
+own count, ru_maxrss through wait4), wall time per phase and per layer, bytes read and written, and the
+checkpoint's size. Shapes (`--shapes`, a comma list):
+- llama2-7b: hidden 4096, 32 heads, intermediate 11008, vocab 32000, untied lm_head; 14 layers = 6.2 GB;
+- mixtral-8x7b: hidden 4096, 32 / 8 heads, 8 experts of 14336 (top-2), vocab 32000; 2.9 GB a layer, 3 layers;
+- qwen3-30b-a3b: hidden 2048, 32 / 4 heads of 128, 128 experts of 768 (top-8), vocab 151936; 1.25 GB a layer,
+  5 layers.
+The MoE checkpoints store every expert on its own, as Hub checkpoints do (the names transformers 5 writes).
 
-    python -m benchmarks.bench_stream [--layers 14] [--nsamples 16] [--seqlen 128] [--device cpu]
+    python -m benchmarks.bench_stream [--shapes llama2-7b] [--layers N] [--nsamples 16] [--seqlen 128]
 """
 from __future__ import annotations
 
@@ -25,35 +30,53 @@ import torch
 
 from benchmarks.harness import RESULTS, record
 
-SHAPES = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-              vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-              bos_token_id=1, eos_token_id=1, pad_token_id=0)
+COMMON = dict(max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
+              eos_token_id=1, pad_token_id=0)
+# name -> (config class, model class, sizes, layers for >= 6 GB)
+PRESETS = {
+    "llama2-7b": ("LlamaConfig", "LlamaForCausalLM",
+                  dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                       vocab_size=32000), 14),
+    "mixtral-8x7b": ("MixtralConfig", "MixtralForCausalLM",
+                     dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                          num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, sliding_window=None), 3),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                      dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                           num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936), 5),
+}
 
 
-def synthetic_checkpoint(folder: Path, layers: int) -> tuple[Path, float | None]:
+def synthetic_checkpoint(folder: Path, layers: int, preset: str = "llama2-7b") -> tuple[Path, float | None]:
     """The checkpoint, and the seconds it took to write (None when it was already cached). Written tensor by
     tensor through the engine's shard writer, so generating it needs one tensor of memory."""
     if (folder / "config.json").is_file():
         return folder, None
+    import transformers
     from accelerate import init_empty_weights
-    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from amp.arch import spec_for
+    from amp.io.layouts import Layout
     from amp.io.safetensors_io import ShardWriter
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny_models import tiny_tokenizer  # a byte-level tokenizer: ids stay far below the vocabulary
 
     start = time.perf_counter()
-    config = LlamaConfig(num_hidden_layers=layers, dtype=torch.bfloat16, architectures=["LlamaForCausalLM"], **SHAPES)
+    config_cls, model_cls, sizes, _ = PRESETS[preset]
+    config = getattr(transformers, config_cls)(num_hidden_layers=layers, dtype=torch.bfloat16,
+                                               architectures=[model_cls], **COMMON, **sizes)
     with init_empty_weights():
-        skeleton = LlamaForCausalLM(config)
-    layout = [(n, tuple(p.shape), torch.bfloat16) for n, p in skeleton.state_dict().items()]
+        skeleton = getattr(transformers, model_cls)(config)
+    names = Layout(spec_for(skeleton))  # experts one by one on disk, as the Hub stores them
+    layout = [(disk, shape, torch.bfloat16) for n, p in skeleton.state_dict().items()
+              for disk, shape in names.disk(n, tuple(p.shape))]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         writer = ShardWriter(tmp, layout, 2 * 10**9)
         gen = torch.Generator().manual_seed(0)
         for name, shape, dtype in layout:
-            if "norm" in name:
+            if "norm" in name and len(shape) == 1:
                 t = torch.ones(shape)
             else:  # std 1/sqrt(fan_in): activations keep their scale through the layers
                 t = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
@@ -61,6 +84,8 @@ def synthetic_checkpoint(folder: Path, layers: int) -> tuple[Path, float | None]
             del t
         writer.finish()
         config.save_pretrained(tmp)
+        from amp.io.layouts import add_legacy_keys
+        add_legacy_keys(tmp, spec_for(skeleton))
         tiny_tokenizer().save_pretrained(tmp)
         os.replace(tmp, folder)
     except BaseException:
@@ -90,7 +115,8 @@ def run_prune(folder: Path, out: Path, args, stream: bool) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=14, help="14 layers of LLaMA-2-7B shapes: 6.2 GB in bf16")
+    p.add_argument("--shapes", default="llama2-7b", help=f"comma list of {', '.join(PRESETS)}")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's, >= 6 GB)")
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=128)
@@ -101,9 +127,25 @@ def main():
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--skip-in-memory", action="store_true", help="only the streamed prune (hosts with little RAM)")
     args = p.parse_args()
+    rows, summary = [], []
+    for preset in args.shapes.split(","):
+        if preset not in PRESETS:
+            raise SystemExit(f"unknown --shapes {preset!r}; choose from {', '.join(PRESETS)}")
+        more_rows, more_summary = bench_one(preset, args)
+        rows += more_rows
+        summary += more_summary
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{k: r.get(k, "") for k in keys} for r in rows]
+    for line in summary:
+        print(line)
+    record("bench_stream", rows, summary, Path(args.out))
+
+
+def bench_one(preset: str, args) -> tuple[list[dict], list[str]]:
     from amp.io.models import cache_dir
-    folder = Path(args.cache or cache_dir() / "bench" / f"llama2-7b-shapes-{args.layers}L-bf16")
-    folder, gen_s = synthetic_checkpoint(folder, args.layers)
+    layers = args.layers or PRESETS[preset][3]
+    folder = Path(args.cache or cache_dir() / "bench") / f"{preset}-shapes-{layers}L-bf16"
+    folder, gen_s = synthetic_checkpoint(folder, layers, preset)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     print(f"checkpoint {folder}: {size / 1e9:.2f} GB" +
           (f", written in {gen_s:.0f} s" if gen_s else " (cached)"))
@@ -116,34 +158,38 @@ def main():
     rows = []
     for name, run in runs.items():
         rep = run["report"]
-        row = {"path": name, "checkpoint_gb": round(size / 1e9, 3), "layers": args.layers,
+        row = {"shapes": preset, "path": name, "checkpoint_gb": round(size / 1e9, 3), "layers": layers,
                "peak_rss_gib": round(run["peak_rss_bytes"] / 2**30, 3),
                "peak_rss_over_checkpoint": round(run["peak_rss_bytes"] / size, 3), "wall_s": round(run["wall_s"], 1),
+               "s_per_layer": round(sum(v["seconds"] for k, v in rep["phases"].items()
+                                        if k in ("load", "calibrate", "compensate", "slice", "write")) / layers, 1),
                "read_gb": round(rep["memory"]["bytes_read"] / 1e9, 3),
                "written_gb": round(rep["memory"]["bytes_written"] / 1e9, 3),
+               "ratio_achieved": round(rep["ratio_achieved"], 4),
                "computed_in": rep["dtype"]["computed"], "offload": (rep["memory"]["offload"] or {}).get("where")}
+        if "moe" in rep:
+            row["experts_kept"] = "/".join(map(str, rep["moe"]["experts"][1]))
+            row["expert_width_kept"] = "/".join(map(str, rep["moe"]["expert_width"][1]))
+            row["active_params_per_token"] = "{:,} -> {:,}".format(*rep["moe"]["active_params_per_token"])
         for phase, v in rep["phases"].items():
             row[f"{phase}_s"] = round(v["seconds"], 1)
             row[f"{phase}_peak_rss_gib"] = round(v["peak_rss_mb"] / 1024, 2)
             if "peak_cuda_mb" in v:
                 row[f"{phase}_peak_cuda_gib"] = round(v["peak_cuda_mb"] / 1024, 2)
         rows.append(row)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    rows = [{k: r.get(k, "") for k in keys} for r in rows]
     s = runs["stream"]
-    summary = [f"Synthetic LLaMA-2-7B-shaped checkpoint, {args.layers} layers, {size / 1e9:.2f} GB bf16 on disk"
+    summary = [f"Synthetic {preset}-shaped checkpoint, {layers} layers, {size / 1e9:.2f} GB bf16 on disk"
                + (f" (written in {gen_s:.0f} s)" if gen_s else "") + f"; prune at {args.ratio:.0%} on "
                f"{args.device}, {args.nsamples} x {args.seqlen} calibration tokens ({args.calib}).",
                f"Streamed peak RSS: {s['peak_rss_bytes'] / 2**30:.2f} GiB = "
-               f"{s['peak_rss_bytes'] / size:.1%} of the checkpoint (target: under 25 %)."]
+               f"{s['peak_rss_bytes'] / size:.1%} of the checkpoint (target: under 25 %); "
+               f"{rows[0]['s_per_layer']} s per layer."]
     if "in-memory" in runs:
         m = runs["in-memory"]
         summary.append(f"In-memory peak RSS: {m['peak_rss_bytes'] / 2**30:.2f} GiB = {m['peak_rss_bytes'] / size:.1%} "
                        f"of the checkpoint; streaming needs {s['peak_rss_bytes'] / m['peak_rss_bytes']:.2f}x its "
                        f"memory and {s['wall_s'] / m['wall_s']:.2f}x its wall time (same run).")
-    for line in summary:
-        print(line)
-    record("bench_stream", rows, summary, Path(args.out))
+    return rows, summary
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig,
-                          PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 VOCAB = 258  # byte-level tokenizer below: <pad>, <eos>, 256 bytes
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, max_position_embeddings=128,
@@ -48,8 +49,24 @@ FAMILIES = {
 }
 
 
+# Mixture-of-experts families (their MLPs are experts, so they get tests of their own: tests/test_moe.py).
+MOE_FAMILIES = {
+    # every layer sparse: 6 experts of 40, top-2 (renormalized), 6 query heads on 2 KV heads
+    "mixtral_moe": (MixtralForCausalLM, MixtralConfig, dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=6,
+                                                          num_key_value_heads=2, intermediate_size=40,
+                                                          num_local_experts=6, num_experts_per_tok=2,
+                                                          router_jitter_noise=0.0, sliding_window=None)),
+    # layer 1 dense (mlp_only_layers), the others 8 experts of 24, top-2 NOT renormalized; q_norm / k_norm
+    "qwen3moe_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, dict(num_hidden_layers=3, hidden_size=48,
+                                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                             intermediate_size=64, moe_intermediate_size=24,
+                                                             num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1],
+                                                             norm_topk_prob=False)),
+}
+
+
 def make_tiny(name: str, seed: int = 0) -> torch.nn.Module:
-    cls, config_cls, extra = FAMILIES[name]
+    cls, config_cls, extra = FAMILIES[name] if name in FAMILIES else MOE_FAMILIES[name]
     config = config_cls(**{**_COMMON, **extra})
     torch.manual_seed(seed)
     model = cls(config).eval()

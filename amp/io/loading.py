@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
+from ..arch import spec_for
 from ..common.dtypes import TORCH_DTYPES
 from ..common.errors import AmpError
 from ..runtime import per_layer
 from .folders import read_report
+from .layouts import Layout
 from .safetensors_io import Checkpoint
 
 
@@ -22,12 +24,14 @@ def check_tensors(folder, config) -> None:
     per_layer.validate(config)
     stored = Checkpoint(folder).tensors
     model = per_layer.meta_model(config)
+    layout = Layout(spec_for(model), stored)
     for name, tensor in model.state_dict().items():
-        info = stored.get(name)
-        if info is not None and tuple(info.shape) != tuple(tensor.shape):
-            layer = name.split(".")[2] if name.startswith("model.layers.") else "-"
-            raise AmpError(f"{folder}: layer {layer}: {name} is {tuple(info.shape)} in the checkpoint, but "
-                           f"config.json's {per_layer.KEY} describes {tuple(tensor.shape)}")
+        for disk, shape in layout.disk(name, tuple(tensor.shape)):
+            info = stored.get(disk)
+            if info is not None and tuple(info.shape) != shape:
+                layer = name.split(".")[2] if name.startswith("model.layers.") else "-"
+                raise AmpError(f"{folder}: layer {layer}: {disk} is {tuple(info.shape)} in the checkpoint, but "
+                               f"config.json's {per_layer.KEY} describes {shape}")
 
 
 def _dtype(dtype):

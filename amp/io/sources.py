@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from ..arch import spec_for
 from ..common.errors import AmpError
 from ..runtime.per_layer import meta_model
+from .layouts import Layout
 from .safetensors_io import Checkpoint
 
 LAYER_PREFIX = "model.layers."
@@ -94,7 +96,10 @@ class SafetensorsSource:
         config.dtype = self.storage_dtype
         self.model = meta_model(config, self.storage_dtype)
         self.layers = self.model.model.layers
-        self.checkpoint.require(required_tensors(self.model))
+        self.layout = Layout(spec_for(self.model), self.checkpoint.tensors)
+        shapes = self.model.state_dict()
+        self.checkpoint.require([disk for name in required_tensors(self.model)
+                                 for disk, _ in self.layout.disk(name, tuple(shapes[name].shape))])
 
     @property
     def bytes_read(self) -> int:
@@ -107,10 +112,13 @@ class SafetensorsSource:
     def _materialize(self, module: nn.Module, prefix: str, device, dtype) -> None:
         from accelerate.utils import set_module_tensor_to_device
         for name, meta in module.state_dict(keep_vars=True).items():
-            value = self.checkpoint.read(prefix + name)
-            if tuple(value.shape) != tuple(meta.shape):
-                raise AmpError(f"{prefix + name} in {self.checkpoint.tensors[prefix + name].file.name} has shape "
-                               f"{tuple(value.shape)}; the config asks for {tuple(meta.shape)}")
+            full = prefix + name
+            for disk, shape in self.layout.disk(full, tuple(meta.shape)):
+                info = self.checkpoint.tensors[disk]
+                if tuple(info.shape) != shape:
+                    raise AmpError(f"{disk} in {info.file.name} has shape {tuple(info.shape)}; the config asks for "
+                                   f"{shape}")
+            value = self.layout.assemble(full, tuple(meta.shape), self.checkpoint.read)
             set_module_tensor_to_device(module, name, device, value=value, dtype=dtype)
             del value
         _move_buffers(module, device)

@@ -33,22 +33,25 @@ def _rows(linear: torch.nn.Linear) -> int:
     return linear.in_features + (1 if linear.bias is not None else 0)
 
 
-def unit_params(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry) -> UnitParams:
+def unit_params(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, moe: bool = False) -> UnitParams:
+    """`moe`: the layer's MLP is a mixture of experts (no dense neuron; experts.moe_units counts experts)."""
     d = geom.head_dim
     o = spec.get(layer, spec.o)
     if spec.qkv:
         q_row = k_row = v_row = _rows(spec.get(layer, spec.qkv))
     else:
         q_row, k_row, v_row = (_rows(spec.get(layer, p)) for p in (spec.q, spec.k, spec.v))
-    if spec.gate_up:
-        neuron_in = 2 * _rows(spec.get(layer, spec.gate_up))
-    else:
-        neuron_in = sum(_rows(spec.get(layer, p)) for p in spec.mlp_in)
-    down = spec.get(layer, spec.down)
+    neuron = 0
+    if not moe:
+        if spec.gate_up:
+            neuron_in = 2 * _rows(spec.get(layer, spec.gate_up))
+        else:
+            neuron_in = sum(_rows(spec.get(layer, p)) for p in spec.mlp_in)
+        neuron = neuron_in + spec.get(layer, spec.down).out_features
     return UnitParams(layer=sum(p.numel() for p in layer.parameters()),
                       query_head=d * q_row + d * o.out_features,
                       kv_head=d * (k_row + v_row),
-                      neuron=neuron_in + down.out_features)
+                      neuron=neuron)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,12 @@ def config_accepts(config, num_heads: int, num_kv_heads: int, head_dim: int) -> 
 
 def plan(model: torch.nn.Module, layers, spec: ArchSpec, geom: Geometry, ratio: float) -> Plan:
     total = total_params(model)
+    if spec.moe is not None:  # decided per layer by the budget (prune/budget.py), which checks the floors
+        per_layer = round(ratio * total / len(layers))
+        if ratio * total >= sum(sum(p.numel() for p in layer.parameters()) for layer in layers):
+            raise AmpError(f"ratio {ratio} would empty every layer")
+        return Plan(target_ratio=ratio, total_params=total, attn_units_removed=0, neurons_removed=0,
+                    params_removed_per_layer=per_layer, num_layers=len(layers), ideal_attn_units_removed=0)
     units = unit_params(layers[0], spec, geom)
     per_layer = ratio * total / len(layers)
     share = per_layer / units.layer

@@ -1,6 +1,8 @@
 """Per-layer budgets: how many attention structures and MLP neurons each layer gives up, decided jointly.
 
-Every layer has two blocks (attention, MLP). A block removes its structures in a fixed order (lowest score first)
+Every layer has two blocks: attention, and its MLP (dense neurons, or a mixture of experts whose block is one
+removal path of expert and expert-neuron moves, prune/experts.py). A block removes its structures in a fixed
+order (lowest score first)
 and knows, for k structures removed, the parameters that frees (`params(k)`, cumulative: in query-head mode a KV
 head goes with the last query head of its group) and an error estimate (`error(k)`). A greedy solver then takes,
 over all blocks of all layers, the step that costs the least error per parameter freed until the budget is met
@@ -21,7 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common.errors import AmpError
+from . import experts as moe_structures
 from .criteria import group_scores, removal_order
+from .keep import Cut
 
 MLP_STEPS = 64  # the MLP block moves in steps of 1/64 of its neurons (the last step is exact to one neuron)
 
@@ -29,11 +33,12 @@ MLP_STEPS = 64  # the MLP block moves in steps of 1/64 of its neurons (the last 
 @dataclass
 class Block:
     layer: int
-    kind: str                        # "attention" | "mlp"
+    kind: str                        # "attention" | "mlp" | "moe"
     params: list[int]                # params(k) for k = 0..max_remove, cumulative
     error: list[float]               # error(k) for k = 0..max_remove, cumulative, nondecreasing
     step: int = 1
     removed: int = field(default=0)
+    states: list | None = None       # "moe": (experts removed, expert neurons removed) at each k
 
     @property
     def max_remove(self) -> int:
@@ -105,20 +110,25 @@ def solve(blocks: list[Block], budget: int) -> int:
         b = blocks[i]
         _, size = b.next_step()
         before = b.params[b.removed]
-        if b.kind == "mlp" and b.params[b.removed + size] - before > budget - freed:
-            per = b.params[1] - b.params[0]  # neurons cost the same each: land exactly
-            size = max(1, -(-(budget - freed) // per))
+        if b.kind != "attention" and b.params[b.removed + size] - before > budget - freed:
+            # land exactly: the fewest moves of this step that free what is left
+            need = before + budget - freed
+            size = max(1, bisect.bisect_left(b.params, need, b.removed + 1, b.removed + size + 1) - b.removed)
         b.removed += size
         freed += b.params[b.removed] - before
         nxt = b.next_step()
         if nxt:
             heapq.heappush(heap, (nxt[0], i))
-    # An attention step can overshoot by up to a KV group: give neurons back where the MLP took some.
-    for b in sorted((b for b in blocks if b.kind == "mlp" and b.removed), key=lambda b: -b.removed):
-        per = b.params[1] - b.params[0]
-        back = min(b.removed, (freed - budget) // per) if per else 0
-        b.removed -= back
-        freed -= back * per
+    # An attention step can overshoot by up to a KV group: give MLP neurons back while the budget stays met. A
+    # mixture of experts moves coarsely (a whole expert, or 8 neurons of every expert): there, give a move back
+    # while that brings the total closer to the budget, even if just under it.
+    for b in sorted((b for b in blocks if b.kind != "attention" and b.removed), key=lambda b: -b.removed):
+        while b.removed:
+            delta = b.params[b.removed] - b.params[b.removed - 1]
+            if not (freed - delta >= budget or (b.kind == "moe" and abs(freed - delta - budget) < freed - budget)):
+                break
+            freed -= delta
+            b.removed -= 1
     return freed
 
 
@@ -168,48 +178,72 @@ def _block(index, kind, params, scores, measured, min_keep, errors, step) -> Blo
     return Block(index, kind, params, error, step)
 
 
-def layer_blocks(index, obs, units, geom, query: bool, min_keep: float, errors: str) -> list[Block]:
+def _moe_block(index, obs, geom, min_keep: float, errors: str, mode: str) -> Block:
+    states, params, mass = moe_structures.removal_path(obs.expert_scores, obs.expert_neuron_scores, geom,
+                                                       moe_structures.moe_units(geom), mode, min_keep)
+    error = interpolate(obs.moe_error, len(params) - 1) if errors == "measured" else mass
+    step = max(1, geom.expert_intermediate // MLP_STEPS)
+    return Block(index, "moe", params, error, step, states=states)
+
+
+def layer_blocks(index, obs, units, geom, query: bool, min_keep: float, errors: str, moe_mode: str = "auto"
+                 ) -> list[Block]:
     """The attention and MLP blocks of one layer (errors: "measured" curves, or "mass" of scores)."""
     attention, _ = _attention_block(index, obs, units, geom, query, min_keep, errors)
+    if obs.is_moe:
+        return [attention, _moe_block(index, obs, geom, min_keep, errors, moe_mode)]
     order = removal_order(obs.neuron_scores)
     mlp = _block(index, "mlp", [k * units.neuron for k in range(geom.intermediate + 1)], obs.neuron_scores[order],
                  obs.mlp_error, min_keep, errors, max(1, geom.intermediate // MLP_STEPS))
     return [attention, mlp]
 
 
+def _cut(attention: Block, mlp: Block) -> Cut:
+    if mlp.kind == "moe":
+        experts, neurons = mlp.states[mlp.removed]
+        return Cut(attention=attention.removed, experts=experts, expert_neurons=neurons)
+    return Cut(attention=attention.removed, neurons=mlp.removed)
+
+
 def allocate(observations, units, geom, method: str, query: bool, min_keep: float, budget: int,
-             depth_range: tuple[float, float]) -> tuple[list[tuple[int, int]], dict]:
-    """Per layer (attention structures removed, neurons removed) freeing `budget` parameters in all, and the
-    allocation's inputs for the report."""
+             depth_range: tuple[float, float], layer_params: list[int] | None = None, moe_mode: str = "auto"
+             ) -> tuple[list[Cut], dict]:
+    """Per layer what it gives up (a Cut), freeing `budget` parameters in all, and the allocation's inputs for
+    the report. `layer_params`: each layer's parameters (layers of a MoE model differ); default units.layer."""
     errors = "measured" if method == "sensitivity" else "mass"
-    blocks = [layer_blocks(i, o, units, geom, query, min_keep, errors) for i, o in enumerate(observations)]
+    blocks = [layer_blocks(i, o, units, geom, query, min_keep, errors, moe_mode) for i, o in enumerate(observations)]
     n = len(blocks)
+    layer_params = layer_params or [units.layer] * n
     inputs: dict = {"method": method, "budget_params": budget, "min_keep": min_keep}
     if method == "sensitivity":
         solve([b for pair in blocks for b in pair], budget)
         inputs["attention_error"] = [{str(k): round(v, 6) for k, v in o.attention_error.items()} for o in observations]
-        inputs["mlp_error"] = [{str(k): round(v, 6) for k, v in o.mlp_error.items()} for o in observations]
+        inputs["mlp_error"] = [{str(k): round(v, 6) for k, v in (o.moe_error if o.is_moe else o.mlp_error).items()}
+                               for o in observations]
     elif method == "depth":
         targets = depth_targets([a.params[-1] + m.params[-1] for a, m in blocks], budget, depth_range)
         for pair, target in zip(blocks, targets):
             solve(pair, target)
         inputs.update(depth_range=list(depth_range), layer_targets=targets)
-    elif method == "uniform":  # query heads: the same share of every layer, whole attention units first
+    elif method == "uniform":  # the same parameter count from every layer, whole attention units first
         per_layer = budget / n
-        for attention, mlp in blocks:
-            share = per_layer / units.layer
+        for (attention, mlp), params in zip(blocks, layer_params):
+            share = per_layer / params
             k = min(int(share * _structures(attention, geom, query)), attention.max_remove)
             while k and attention.params[k] > per_layer:
                 k -= 1
             attention.removed = k
-            neurons = round((per_layer - attention.params[k]) / max(mlp.params[1], 1)) if mlp.max_remove else 0
-            if neurons > mlp.max_remove:
-                raise AmpError(f"the budget would empty the MLP past the floor (--min-keep {min_keep}); "
-                               "choose a smaller ratio")
-            mlp.removed = max(neurons, 0)
+            rest = per_layer - attention.params[k]
+            if rest > mlp.params[-1] + (mlp.params[-1] - mlp.params[-2] if mlp.max_remove else 0) / 2:
+                what = "the experts" if mlp.kind == "moe" else "the MLP"
+                raise AmpError(f"the budget would empty {what} past the floor (--min-keep {min_keep}"
+                               + (", and num_experts_per_tok experts must stay" if mlp.kind == "moe" else "")
+                               + "); choose a smaller ratio")
+            # the MLP takes the rest, as close as its moves allow
+            mlp.removed = min(range(len(mlp.params)), key=lambda j: (abs(mlp.params[j] - rest), j))
     else:
         raise AmpError(f"unknown allocation {method!r}")
-    return [(a.removed, m.removed) for a, m in blocks], inputs
+    return [_cut(a, m) for a, m in blocks], inputs
 
 
 def _structures(attention: Block, geom, query: bool) -> int:

@@ -14,6 +14,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOADS = ("auto", "device", "host", "disk")
 ALLOCATIONS = ("uniform", "depth", "sensitivity")
 HEADS = ("auto", "group", "query")
+MOE = ("auto", "experts", "neurons")  # mixture-of-experts granularity, as --heads is for attention
 # Criteria that need no calibration data.
 DATA_FREE = ("magnitude", "random")
 COMPENSATIONS = ("auto", "none", "bias", "refit", "bias+refit")
@@ -46,6 +47,7 @@ class PruneConfig:
     compensate: str = "auto"         # none | bias | refit | bias+refit (auto: bias for flap, else the measured best)
     damp: float = 0.01               # refit damping, relative to the mean diagonal of the Gram matrix
     sequential: bool | None = None   # calibrate each layer on the outputs of the already-pruned layers
+    moe: str = "auto"                # MoE layers: auto (the budget decides) | experts (whole) | neurons (per expert)
                                      # (default: yes wherever calibration data is used; measured)
 
     def __post_init__(self):
@@ -87,6 +89,8 @@ class PruneConfig:
             raise AmpError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.heads not in HEADS:
             raise AmpError(f"unknown --heads {self.heads!r}; choose one of {', '.join(HEADS)}")
+        if self.moe not in MOE:
+            raise AmpError(f"unknown --moe {self.moe!r}; choose one of {', '.join(MOE)}")
         if not 0.0 <= self.min_keep < 1.0:
             raise AmpError(f"--min-keep must lie in [0, 1), got {self.min_keep}")
         lo, hi = self.depth_range

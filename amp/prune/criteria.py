@@ -4,12 +4,28 @@ from __future__ import annotations
 import torch
 
 from ..arch import ArchSpec, Geometry
+from ..common.errors import AmpError
+from . import experts as moe_structures
 from .statistics import LayerStats
+
+# Criteria defined for mixture-of-experts layers (the baselines' channel statistics have no expert form here).
+MOE_CRITERIA = ("amp", "reversed", "random", "magnitude")
 
 
 def scores(criterion: str, layer: torch.nn.Module, spec: ArchSpec, geom: Geometry,
-           stats: LayerStats | None, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per query head (H,), per neuron (I,)) fp32 scores on the CPU."""
+           stats: LayerStats | None, generator: torch.Generator, moe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per query head (H,), per neuron (I,)) fp32 scores on the CPU; a mixture-of-experts layer has no dense
+    neurons (an empty tensor; its experts are scored by `expert_scores`)."""
+    if moe:
+        if criterion not in MOE_CRITERIA:
+            raise AmpError(f"criterion {criterion!r} has no form for mixture-of-experts layers; use one of "
+                           f"{', '.join(MOE_CRITERIA)}")
+        if criterion == "magnitude":
+            return magnitude_head_scores(layer, spec, geom), torch.zeros(0)
+        if criterion == "random":
+            return torch.rand(geom.num_heads, generator=generator), torch.zeros(0)
+        head = stats.head_l1.cpu() / max(stats.tokens, 1)
+        return (head if criterion == "amp" else -head), torch.zeros(0)
     if criterion in ("amp", "reversed"):
         if stats is None or stats.tokens == 0:
             raise ValueError(f"criterion {criterion!r} needs calibration statistics")
@@ -30,17 +46,35 @@ def scores(criterion: str, layer: torch.nn.Module, spec: ArchSpec, geom: Geometr
     raise ValueError(f"unknown criterion {criterion!r}")
 
 
-def magnitude_scores(layer, spec: ArchSpec, geom: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """Data-free: L2 norm of every weight a structure owns (a head's q rows and o columns; a neuron's
-    input-projection rows and down-projection column)."""
+def expert_scores(criterion: str, layer, spec: ArchSpec, stats: LayerStats | None,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per expert (E,), per expert neuron (E, I)) fp32 scores on the CPU, for a mixture-of-experts layer."""
+    experts = moe_structures.experts_module(layer, spec.moe)
+    n, width = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[1] // 2
+    if criterion == "random":
+        return torch.rand(n, generator=generator), torch.rand(n, width, generator=generator)
+    if criterion == "magnitude":
+        return moe_structures.magnitude_scores(layer, spec.moe)
+    expert, neuron = moe_structures.scores(stats.experts, stats.tokens)
+    return (expert, neuron) if criterion == "amp" else (-expert, -neuron)
+
+
+def magnitude_head_scores(layer, spec: ArchSpec, geom: Geometry) -> torch.Tensor:
+    """Data-free: L2 norm of every weight a head owns (its q rows and o columns)."""
     d, h = geom.head_dim, geom.num_heads
     q_rows = _q_weight(layer, spec, geom).float().view(h, d, -1).square().sum(dim=(1, 2))
     o_cols = spec.get(layer, spec.o).weight.float().view(-1, h, d).square().sum(dim=(0, 2))
-    head = (q_rows + o_cols).sqrt()
+    return (q_rows + o_cols).sqrt().cpu()
+
+
+def magnitude_scores(layer, spec: ArchSpec, geom: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free: L2 norm of every weight a structure owns (a head's q rows and o columns; a neuron's
+    input-projection rows and down-projection column)."""
+    head = magnitude_head_scores(layer, spec, geom)
     neuron = spec.get(layer, spec.down).weight.float().square().sum(dim=0)
     for w in _mlp_in_weights(layer, spec, geom):
         neuron = neuron + w.float().square().sum(dim=1)
-    return head.cpu(), neuron.sqrt().cpu()
+    return head, neuron.sqrt().cpu()
 
 
 def _q_weight(layer, spec: ArchSpec, geom: Geometry) -> torch.Tensor:

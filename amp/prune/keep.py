@@ -1,15 +1,50 @@
-"""Keep sets (pure functions): which query heads, KV heads and neurons a layer keeps once the lowest-scored
-structures are removed, and the head map that follows; the uniform prune's target config."""
+"""Keep sets (pure functions): which query heads, KV heads and neurons (a mixture-of-experts layer: experts and
+expert neurons) a layer keeps once the lowest-scored structures are removed, and the head map that follows; the
+uniform prune's target config."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
-from ..arch import Geometry
+from ..arch import ArchSpec, Geometry
 from . import criteria, slicing
+from . import experts as moe_structures
 from .criteria import removal_order
 from .observe import Observation
+
+
+@dataclass(frozen=True)
+class Cut:
+    """How much one layer gives up: attention structures (KV groups, or query heads), dense MLP neurons, and for
+    a mixture-of-experts layer whole experts and the neurons removed from every kept expert."""
+    attention: int = 0
+    neurons: int = 0
+    experts: int = 0
+    expert_neurons: int = 0
+
+
+@dataclass
+class Keep:
+    """What one layer keeps, as indices into the ORIGINAL layer."""
+    heads: torch.Tensor
+    kv_heads: torch.Tensor
+    head_map: list[int]
+    neurons: torch.Tensor | None = None               # a dense MLP's kept neurons
+    experts: torch.Tensor | None = None               # a mixture-of-experts layer's kept experts
+    expert_neurons: list[torch.Tensor] | None = None  # per kept expert (in the order of `experts`), its neurons
+
+    def shape(self, spec: ArchSpec) -> dict:
+        """The layer's entry for a per-layer config: sizes under the family's own config keys, and the map."""
+        shape = {"num_attention_heads": len(self.heads), "num_key_value_heads": len(self.kv_heads),
+                 "head_map": self.head_map}
+        if self.neurons is not None:
+            shape["intermediate_size"] = len(self.neurons)
+        if self.experts is not None:
+            shape[spec.moe.experts_key] = len(self.experts)
+            shape[spec.moe.width_key] = len(self.expert_neurons[0])
+        return shape
 
 
 def complement(kept: torch.Tensor, size: int) -> torch.Tensor:
@@ -28,11 +63,11 @@ def target_config(config, heads: int, kv_heads: int, neurons: int, head_dim: int
     return target
 
 
-def kept_sets(obs: Observation, geom: Geometry, query: bool, attention_removed: int, neurons_removed: int,
-              within_kv: torch.Tensor | None = None):
-    """(kept query heads, kept KV heads, kept neurons, head map) after removing the lowest-scored structures.
-    `within_kv` (single query heads): the KV heads kept are exactly these; the kept query heads are each one's
-    best, then the best of the rest of their heads."""
+def kept_sets(obs: Observation, geom: Geometry, query: bool, cut: Cut, within_kv: torch.Tensor | None = None) -> Keep:
+    """What a layer keeps after `cut` removes its lowest-scored structures. `within_kv` (single query heads): the
+    KV heads kept are exactly these; the kept query heads are each one's best, then the best of the rest of their
+    heads."""
+    attention_removed = cut.attention
     if query and geom.is_gqa and within_kv is not None:
         kept_kv = within_kv.sort().values
         n_keep = geom.num_heads - attention_removed
@@ -51,8 +86,11 @@ def kept_sets(obs: Observation, geom: Geometry, query: bool, attention_removed: 
         gone = set(removal_order(criteria.group_scores(obs.head_scores, geom))[:attention_removed].tolist())
         kept_kv = torch.tensor([g for g in range(geom.num_kv_heads) if g not in gone], dtype=torch.long)
         kept_heads = slicing.head_rows(kept_kv, geom.group_size)  # query heads of the kept groups
-    gone_n = removal_order(obs.neuron_scores)[:neurons_removed]
-    kept_neurons = complement(gone_n, geom.intermediate)
     position = {int(g): i for i, g in enumerate(kept_kv)}
-    head_map = [position[int(h) // geom.group_size] for h in kept_heads]
-    return kept_heads, kept_kv, kept_neurons, head_map
+    keep = Keep(kept_heads, kept_kv, [position[int(h) // geom.group_size] for h in kept_heads])
+    if obs.is_moe:
+        keep.experts, keep.expert_neurons = moe_structures.keep_sets(obs.expert_scores, obs.expert_neuron_scores,
+                                                                     cut.experts, cut.expert_neurons)
+    else:
+        keep.neurons = complement(removal_order(obs.neuron_scores)[:cut.neurons], geom.intermediate)
+    return keep

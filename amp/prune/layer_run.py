@@ -20,9 +20,10 @@ from ..io.calibration import make_batches
 from ..runtime import per_layer
 from ..runtime.attention import ATTN_INDEXED, register
 from . import compensate, slicing
+from . import experts as moe_structures
 from .capture import _to, capture_layer_inputs
 from .config import PruneConfig
-from .keep import complement, kept_sets
+from .keep import Cut, complement, kept_sets
 from .observe import Observation, observe_layer
 from .statistics import TokenMask
 
@@ -58,7 +59,10 @@ class PruneRun:
         self.source, self.config, self.timer, self.progress, self.probe = source, config, timer, progress, probe
         self.model = source.model
         self.spec = spec_for(self.model)
-        self.geom = Geometry.from_config(self.model.config)
+        self.geom = Geometry.from_config(self.model.config, self.spec)
+        moe = self.spec.moe
+        self.moe_layers = [moe is not None and bool(moe.is_sparse(self.model.config, i))
+                           for i in range(len(source.layers))]
         self.device = torch.device(config.device)
         self.dtype, self.dtype_why = resolve_compute_dtype(source.storage_dtype, self.device,
                                                            TORCH_DTYPES.get(config.compute_dtype))
@@ -117,18 +121,26 @@ class PruneRun:
     def observe(self, index: int, layer, sensitivity=None, gram: bool = False, dense: bool = True) -> Observation:
         """Scores (and what compensation needs) of resident layer `index`. `dense`: the store moves on to the
         layer's dense outputs; a sequential prune passes False and moves it on after the cut (`propagate`)."""
+        if sensitivity is not None and self.moe_layers[index]:
+            sensitivity = {**sensitivity, "moe": {"mode": self.config.moe, "min_keep": self.config.min_keep,
+                                                  "config": self.model.config}}
+        if self.moe_layers[index] and not self.config.needs_calibration:  # data-free: still the fused layout
+            from .experts import check_fused
+            check_fused(layer, self.spec.moe)
         with self.timer.phase("calibrate"):
             return observe_layer(layer, self.spec, self.geom, self.config, self.store, self.layer_args(index),
                                  self.masks, getattr(self.model.config, self.spec.act_key, None), self.generator,
                                  self.token_mask, sensitivity, gram=gram, propagate=dense,
-                                 means=self.bias and not self.refit)  # bias+refit: the Gram's affine fit
+                                 means=self.bias and not self.refit,  # bias+refit: the Gram's affine fit
+                                 moe=self.moe_layers[index])
 
     def decide_refit(self, tokens: int) -> str | None:
         """--compensate auto: a refit when every refit projection gets enough calibration tokens per input
         channel, else no compensation; returns the report's note."""
         if not self.config.auto_refit:
             return None
-        widest = max(self.geom.intermediate, self.geom.num_heads * self.geom.head_dim)
+        dense_mlp = not all(self.moe_layers)  # experts are not refit (see compensate_layer)
+        widest = max(self.geom.intermediate if dense_mlp else 0, self.geom.num_heads * self.geom.head_dim)
         per = tokens / widest
         self.refit = per >= compensate.MIN_TOKENS_PER_CHANNEL
         if self.refit:
@@ -149,14 +161,18 @@ class PruneRun:
 
     def compensate_layer(self, layer, obs: Observation, kept_heads, kept_neurons) -> dict:
         """Folds what the removed channels carried into the output projections (bias and/or refit), before
-        their columns are sliced away; returns the refit's calibration errors."""
+        their columns are sliced away; returns the refit's calibration errors. A mixture-of-experts layer has its
+        o_proj refit; its experts are not (each expert sees a fraction of the calibration tokens, far fewer per
+        channel than a refit needs, and its Gram matrices would be experts x width^2)."""
         g = self.geom
         q_cols = slicing.head_rows(kept_heads, g.head_dim)
-        o_proj, down = self.spec.get(layer, self.spec.o), self.spec.get(layer, self.spec.down)
+        o_proj = self.spec.get(layer, self.spec.o)
+        down = None if obs.is_moe else self.spec.get(layer, self.spec.down)
         if self.refit:
             errors = {}
-            for key, linear, gram, kept in (("o", o_proj, obs.o_gram, q_cols), ("down", down, obs.down_gram,
-                                                                                  kept_neurons)):
+            parts = [("o", o_proj, obs.o_gram, q_cols)] + ([] if obs.is_moe else [("down", down, obs.down_gram,
+                                                                                    kept_neurons)])
+            for key, linear, gram, kept in parts:
                 # a projection that loses nothing is left as it is (a refit would only fit the damping)
                 errors[key] = compensate.refit(linear, gram, kept, self.config.damp, self.bias) \
                     if len(kept) < linear.in_features else {"error_before": 0.0, "error_after": 0.0}
@@ -165,30 +181,37 @@ class PruneRun:
             return {k: {m: round(v, 6) for m, v in e.items()} for k, e in errors.items()}
         if self.bias:
             slicing.compensate_bias(o_proj, complement(q_cols, g.num_heads * g.head_dim), obs.o_mean)
-            slicing.compensate_bias(down, complement(kept_neurons, g.intermediate), obs.down_mean)
+            if down is not None:
+                slicing.compensate_bias(down, complement(kept_neurons, g.intermediate), obs.down_mean)
         return {}
 
-    def cut(self, index, layer, obs: Observation, sink, attention_removed: int, neurons_removed: int,
-            within_kv=None) -> dict:
+    def cut(self, index, layer, obs: Observation, sink, cut: Cut, within_kv=None) -> dict:
         """Compensates and slices one layer, then hands it to the sink. `within_kv`: the KV heads that must stay
         (a sequential re-ranking after a per-layer allocation fixed the shapes)."""
         g = self.geom
-        query = self.config.heads == "query"
-        kept_heads, kept_kv, kept_neurons, head_map = kept_sets(obs, g, query, attention_removed, neurons_removed,
-                                                                within_kv)
+        keep = kept_sets(obs, g, self.config.heads == "query", cut, within_kv)
         with self.timer.phase("compensate"):
-            errors = self.compensate_layer(layer, obs, kept_heads, kept_neurons)
+            errors = self.compensate_layer(layer, obs, keep.heads, keep.neurons)
         with self.timer.phase("slice"):
-            slicing.slice_attention(layer, self.spec, g, kept_heads, kept_kv, head_map)
-            slicing.slice_mlp(layer, self.spec, g, kept_neurons)
+            slicing.slice_attention(layer, self.spec, g, keep.heads, keep.kv_heads, keep.head_map)
+            if obs.is_moe:
+                moe_structures.slice_experts(layer, self.spec.moe, keep.experts, keep.expert_neurons)
+            else:
+                slicing.slice_mlp(layer, self.spec, g, keep.neurons)
         if self.config.sequential:
-            self.propagate(index, layer, {"num_attention_heads": len(kept_heads), "num_key_value_heads": len(kept_kv),
-                                   "intermediate_size": len(kept_neurons), "head_map": head_map})
+            self.propagate(index, layer, keep.shape(self.spec))
         with self.timer.phase("write"):
             sink.put(index, layer)
         if self.probe:
             self.probe("written")
-        return {"layer": index, "kept_heads": kept_heads.tolist(), "kept_kv_heads": kept_kv.tolist(),
-                "kept_neurons": kept_neurons.tolist(), "head_map": head_map,
-                "head_scores": [float(f"{float(s):.7g}") for s in obs.head_scores],
-                **({"compensation": errors} if errors else {})}
+        entry = {"layer": index, "kept_heads": keep.heads.tolist(), "kept_kv_heads": keep.kv_heads.tolist()}
+        if obs.is_moe:
+            entry.update(kept_experts=keep.experts.tolist(),
+                         kept_expert_neurons=[n.tolist() for n in keep.expert_neurons],
+                         expert_tokens=obs.expert_tokens.tolist(),
+                         expert_scores=[float(f"{float(s):.7g}") for s in obs.expert_scores])
+        else:
+            entry["kept_neurons"] = keep.neurons.tolist()
+        entry.update(head_map=keep.head_map, head_scores=[float(f"{float(s):.7g}") for s in obs.head_scores],
+                     **({"compensation": errors} if errors else {}))
+        return entry

@@ -15,6 +15,7 @@ import torch
 
 from ..arch import ArchSpec, Geometry
 from . import criteria
+from . import experts as moe_structures
 from .config import MOMENT_CRITERIA
 from .criteria import removal_order
 from .statistics import TokenMask, statistics_hooks
@@ -34,6 +35,15 @@ class Observation:
     mlp_error: dict[int, float] = field(default_factory=dict)
     o_gram: object = None                # compensate.Gram of the same inputs (a refit; one layer's worth)
     down_gram: object = None
+    # a mixture-of-experts layer (neuron_scores is then empty): its experts' scores and routed-token counts
+    expert_scores: torch.Tensor | None = None          # (E,)
+    expert_neuron_scores: torch.Tensor | None = None   # (E, I)
+    expert_tokens: torch.Tensor | None = None          # (E,)
+    moe_error: dict[int, float] = field(default_factory=dict)  # position on the removal path -> relative change
+
+    @property
+    def is_moe(self) -> bool:
+        return self.expert_scores is not None
 
 
 @contextmanager
@@ -76,10 +86,11 @@ def _relative_change(layer, batches, reference) -> float:
 
 
 def measure_sensitivity(layer, spec: ArchSpec, geom: Geometry, batches, obs: Observation, unit: str,
-                        attention_max: int, mlp_max: int) -> None:
-    """Fills obs.attention_error / obs.mlp_error: the relative change of the layer's output (over the
-    measurement batches: (input, args, kwargs, valid-token mask)) when the attention block loses its k lowest
-    query heads (unit "query") or KV groups (unit "group"), or the MLP its k lowest neurons."""
+                        attention_max: int, mlp_max: int, moe: dict | None = None) -> None:
+    """Fills obs.attention_error / obs.mlp_error (obs.moe_error): the relative change of the layer's output (over
+    the measurement batches: (input, args, kwargs, valid-token mask)) when the attention block loses its k lowest
+    query heads (unit "query") or KV groups (unit "group"), or the MLP its k lowest neurons (a mixture of experts:
+    the first k moves of its removal path, experts masked out of the router and expert neurons zeroed)."""
     reference = []
     for x, args, kwargs, _ in batches:
         out = layer(x, *args, **kwargs)
@@ -96,6 +107,9 @@ def measure_sensitivity(layer, spec: ArchSpec, geom: Geometry, batches, obs: Obs
         cols = (heads[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
         with _zeroed_inputs(o_proj, cols):
             obs.attention_error[k] = _relative_change(layer, batches, reference)
+    if obs.is_moe:
+        _measure_moe(layer, spec, geom, batches, reference, obs, moe)
+        return
     neurons = removal_order(obs.neuron_scores)
     down = spec.get(layer, spec.down)
     for k in sorted({max(1, min(mlp_max, round(f * geom.intermediate))) for f in MLP_LEVELS}):
@@ -103,21 +117,35 @@ def measure_sensitivity(layer, spec: ArchSpec, geom: Geometry, batches, obs: Obs
             obs.mlp_error[k] = _relative_change(layer, batches, reference)
 
 
+def _measure_moe(layer, spec: ArchSpec, geom: Geometry, batches, reference, obs: Observation, moe: dict) -> None:
+    states, _, _ = moe_structures.removal_path(obs.expert_scores, obs.expert_neuron_scores, geom,
+                                               moe_structures.moe_units(geom), moe["mode"], moe["min_keep"])
+    expert_order = torch.argsort(obs.expert_scores, stable=True)
+    neuron_order = torch.argsort(obs.expert_neuron_scores, dim=1, stable=True)
+    for k in sorted({max(1, round((len(states) - 1) * f)) for f in MLP_LEVELS} - {0}) if len(states) > 1 else []:
+        experts_removed, neurons_removed = states[k]
+        zeroed = torch.zeros_like(obs.expert_neuron_scores, dtype=torch.bool)
+        zeroed.scatter_(1, neuron_order[:, :neurons_removed], True)
+        with moe_structures.masked(layer, spec.moe, moe["config"], expert_order[:experts_removed], zeroed):
+            obs.moe_error[k] = _relative_change(layer, batches, reference)
+
+
 @torch.no_grad()
 def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_args, masks, hidden_act,
                   generator, token_mask: TokenMask, sensitivity: dict | None = None, gram: bool = False,
-                  propagate: bool = True, means: bool = False) -> Observation:
+                  propagate: bool = True, means: bool = False, moe: bool = False) -> Observation:
     """Statistics and scores of one resident layer; with `propagate` the store's batches become the layer's
     (dense) outputs (a sequential prune propagates the pruned layer's outputs itself, after the cut).
     `sensitivity`: {"unit", "attention_max", "mlp_max"} to measure output-change curves as well;
     `gram`: the Gram matrices of the output projections' inputs (a refit); `means`: their means (a bias);
-    `layer_args(b)`: batch b's (args, kwargs) for this layer, on the device."""
+    `layer_args(b)`: batch b's (args, kwargs) for this layer, on the device; `moe`: its MLP is a mixture of
+    experts (sensitivity then carries "moe": {"mode", "min_keep", "config"} for its removal path)."""
     kept_inputs = []
     stats = None
     if config.needs_calibration:
         tokens = 0
         moments = config.criterion in MOMENT_CRITERIA or means
-        with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments, gram) as stats:
+        with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments, gram, moe) as stats:
             for b in range(len(store)):
                 token_mask.set(masks[b])
                 x = store.get(b)
@@ -128,13 +156,18 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_ar
                 out = layer(x, *args, **kwargs)
                 if propagate:
                     store.put(b, out[0] if isinstance(out, tuple) else out)
-    head_s, neuron_s = criteria.scores(config.criterion, layer, spec, geom, stats, generator)
+    head_s, neuron_s = criteria.scores(config.criterion, layer, spec, geom, stats, generator, moe)
     obs = Observation(head_s, neuron_s)
+    if moe:
+        obs.expert_scores, obs.expert_neuron_scores = criteria.expert_scores(config.criterion, layer, spec, stats,
+                                                                             generator)
+        n = obs.expert_scores.shape[0]
+        obs.expert_tokens = stats.experts.tokens.cpu() if stats is not None else torch.zeros(n, dtype=torch.long)
     if stats is not None and stats.o_moments is not None:
         obs.o_mean, obs.down_mean = stats.o_moments.mean.cpu(), stats.down_moments.mean.cpu()
     if stats is not None and stats.o_gram is not None:
         obs.o_gram, obs.down_gram = stats.o_gram, stats.down_gram
     if sensitivity is not None and kept_inputs:
         measure_sensitivity(layer, spec, geom, kept_inputs, obs, sensitivity["unit"], sensitivity["attention_max"],
-                            sensitivity["mlp_max"])
+                            sensitivity["mlp_max"], sensitivity.get("moe"))
     return obs

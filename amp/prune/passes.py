@@ -21,7 +21,7 @@ from ..runtime import per_layer
 from . import allocate, compensate
 from . import budget as budget_module
 from .config import PruneConfig
-from .keep import kept_sets, target_config
+from .keep import Cut, kept_sets, target_config
 from .layer_run import PruneRun
 
 
@@ -53,7 +53,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
         notes.append(note)
     kept, allocation = [], {"method": "uniform", "heads": "group"}
     try:
-        if config.single_pass:
+        if config.single_pass and spec.moe is None:  # a MoE layer's shape depends on its scores: two passes
             keep_kv = geom.num_kv_heads - the_plan.attn_units_removed
             target = target_config(model.config, keep_kv * geom.group_size, keep_kv,
                                    geom.intermediate - the_plan.neurons_removed, geom.head_dim, run.config_biases)
@@ -61,7 +61,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
                 sink.begin(target)
             for index, layer in run.layers(f"pruning ({config.criterion})"):
                 obs = run.observe(index, layer, gram=run.refit, dense=not config.sequential)
-                kept.append(run.cut(index, layer, obs, sink, the_plan.attn_units_removed, the_plan.neurons_removed))
+                kept.append(run.cut(index, layer, obs, sink, Cut(the_plan.attn_units_removed, the_plan.neurons_removed)))
         else:
             target, kept, allocation = _two_passes(run, sink, the_plan)
     finally:
@@ -70,13 +70,18 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
     with run.timer.phase("write"):
         params_after = sink.finish(target)
     mode = "+".join(m for m, on in (("bias", run.bias), ("refit", run.refit)) if on) or "none"
-    comp = compensate.summary(mode, n_tokens, {"o": geom.num_heads * geom.head_dim, "down": geom.intermediate},
-                              run.compensation_errors, config.damp)
+    widths = {"o": geom.num_heads * geom.head_dim}
+    if not all(run.moe_layers):
+        widths["down"] = geom.intermediate
+    comp = compensate.summary(mode, n_tokens, widths, run.compensation_errors, config.damp)
+    if spec.moe is not None and mode != "none":
+        comp["experts"] = "not compensated: each expert sees a fraction of the calibration tokens (see the report's " \
+                          "expert_tokens), far fewer per channel than a refit needs"
     comp["sequential"] = config.sequential
     if "warning" in comp:
         notes.append(comp["warning"])
     return {"plan": the_plan, "layers": kept, "notes": notes, "calibration_tokens": n_tokens, "compensation": comp,
-            "geometry_before": geom, "geometry_after": Geometry.from_config(target), "params_after": params_after,
+            "geometry_before": geom, "geometry_after": Geometry.from_config(target, spec), "params_after": params_after,
             "offload": run.offload, "compute_dtype": dtype_name(run.dtype),
             "compute_dtype_why": run.dtype_why, "storage_dtype": dtype_name(source.storage_dtype),
             "allocation": allocation, "target_config": target}
@@ -87,7 +92,10 @@ def _two_passes(run: PruneRun, sink, the_plan):
     budget over layers, then read each layer again and cut it."""
     config, geom = run.config, run.geom
     query = config.heads == "query"
-    units = allocate.unit_params(run.source.layers[0], run.spec, geom)
+    layers = run.source.layers
+    dense = [i for i, moe in enumerate(run.moe_layers) if not moe]
+    units = allocate.unit_params(layers[dense[0] if dense else 0], run.spec, geom, moe=not dense)
+    layer_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     sensitivity = None
     if config.allocation == "sensitivity":
         floor = lambda n: n - max(1, math.ceil(config.min_keep * n - 1e-9))  # noqa: E731
@@ -95,16 +103,18 @@ def _two_passes(run: PruneRun, sink, the_plan):
                        "attention_max": floor(geom.num_heads if query and geom.is_gqa else geom.num_kv_heads),
                        "mlp_max": floor(geom.intermediate)}
     observations = [run.observe(index, layer, sensitivity) for index, layer in run.layers("observing")]
-    budget = the_plan.params_removed_per_layer * len(observations) if config.allocation == "uniform" and not query \
+    uniform_groups = config.allocation == "uniform" and not query and run.spec.moe is None
+    budget = the_plan.params_removed_per_layer * len(observations) if uniform_groups \
         else round(the_plan.target_ratio * the_plan.total_params)
     removed, inputs = budget_module.allocate(observations, units, geom, config.allocation, query, config.min_keep,
-                                            budget, config.depth_range)
+                                            budget, config.depth_range, layer_params, config.moe)
+    if run.spec.moe is not None:
+        inputs["moe"] = config.moe
     shapes, kept_kv = [], []
-    for obs, (a, n) in zip(observations, removed):
-        heads, kv, _, head_map = kept_sets(obs, geom, query, a, n)
-        kept_kv.append(kv)
-        shapes.append({"num_attention_heads": len(heads), "num_key_value_heads": len(kv),
-                       "intermediate_size": geom.intermediate - n, "head_map": head_map})
+    for obs, cut in zip(observations, removed):
+        keep = kept_sets(obs, geom, query, cut)
+        kept_kv.append(keep.kv_heads)
+        shapes.append(keep.shape(run.spec))
     base = target_config(run.model.config, geom.num_heads, geom.num_kv_heads, geom.intermediate, geom.head_dim,
                          run.config_biases)
     target = per_layer.per_layer_config(base, shapes)
@@ -124,7 +134,7 @@ def _two_passes(run: PruneRun, sink, the_plan):
                 obs, within = fresh, (kept_kv[index] if query and geom.is_gqa else None)
             else:
                 obs.o_gram, obs.down_gram = fresh.o_gram, fresh.down_gram
-        kept.append(run.cut(index, layer, obs, sink, *removed[index], within_kv=within))
+        kept.append(run.cut(index, layer, obs, sink, removed[index], within_kv=within))
         observations[index] = None
     if config.sequential:  # the kept query heads may differ: the maps in config.json follow them
         for shape, entry in zip(shapes, kept):

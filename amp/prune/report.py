@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..io.calibration import Calibration
 from ..runtime import per_layer
 from . import allocate
+from . import experts as moe_structures
 from .config import PruneConfig
 
 DEPTH_PAYS_FROM = 0.3  # measured: depth allocation ties uniform at 10 %, is within noise at 20 %, wins at 30 %
@@ -16,7 +17,7 @@ def prune_report(source, sink, config: PruneConfig, calibration, result: dict, b
     after = result["params_after"]
     plan, g0, g1 = result["plan"], result["geometry_before"], result["geometry_after"]
     varies = "per layer" if per_layer.entries(result["target_config"]) else None
-    return {
+    report = {
         "model_class": type(source.model).__name__,
         "criterion": config.criterion,
         "ratio_target": plan.target_ratio,
@@ -55,6 +56,11 @@ def prune_report(source, sink, config: PruneConfig, calibration, result: dict, b
         "phases": timer.report(),
         "layers": result["layers"],
     }
+    if g0.is_moe:
+        report["moe"], more = moe_structures.summary(g0, result["layers"], before, after,
+                                                     result["calibration_tokens"], config.moe)
+        report["notes"] = [n for n in report["notes"] if "only MLP neurons were pruned" not in n] + more
+    return report
 
 
 def notes(plan: allocate.Plan, geom, config: PruneConfig) -> list[str]:

@@ -18,6 +18,7 @@ import amp_kernels
 
 from ..arch import ArchSpec, Geometry
 from ..runtime.fused import fused_activation, mlp_inputs
+from . import experts as moe_structures
 from .compensate import Gram
 
 
@@ -64,6 +65,7 @@ class LayerStats:
     down_moments: ChannelMoments | None = None   # inputs of the down projection (I channels)
     o_gram: Gram | None = None                 # sum x x^T of the same inputs (a refit)
     down_gram: Gram | None = None
+    experts: "moe_structures.ExpertStats | None" = None  # a mixture-of-experts layer's expert statistics
 
 
 @dataclass
@@ -98,22 +100,23 @@ def _fused_mlp_forward(mlp_in, down, kernel, stats: "LayerStats", token_mask: To
 
 @contextmanager
 def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, token_mask: TokenMask,
-                     hidden_act: str | None = None, moments: bool = False, gram: bool = False):
+                     hidden_act: str | None = None, moments: bool = False, gram: bool = False, moe: bool = False):
+    """`moe`: the layer's MLP is a mixture of experts (its statistics come from experts.expert_statistics; the
+    moments and Gram matrices then cover the output projection only)."""
     device = next(layer.parameters()).device
+    width = 0 if moe else geom.intermediate
     stats = LayerStats(torch.zeros(geom.num_heads, dtype=torch.float32, device=device),
-                       torch.zeros(geom.intermediate, dtype=torch.float32, device=device))
+                       torch.zeros(width, dtype=torch.float32, device=device))
     o_proj = spec.get(layer, spec.o)
-    down = spec.get(layer, spec.down)
-    mlp = spec.get(layer, spec.mlp)
     if moments:
         stats.o_moments = ChannelMoments.zeros(geom.num_heads * geom.head_dim, device)
-        stats.down_moments = ChannelMoments.zeros(geom.intermediate, device)
+        stats.down_moments = ChannelMoments.zeros(width, device)
     if gram:
         stats.o_gram = Gram.zeros(geom.num_heads * geom.head_dim, device)
-        stats.down_gram = Gram.zeros(geom.intermediate, device)
+        stats.down_gram = None if moe else Gram.zeros(width, device)
 
     kernel = fused_activation(spec.gated, hidden_act)  # any other activation falls back to a down-proj hook
-    fused = kernel is not None
+    fused = kernel is not None and not moe
 
     def on_o_input(_module, args):
         x = token_mask.select(args[0])
@@ -135,6 +138,15 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
             stats.down_gram.add(rows)
 
     handles = [o_proj.register_forward_pre_hook(on_o_input)]
+    if moe:
+        with moe_structures.expert_statistics(layer, spec.moe, geom, token_mask) as stats.experts:
+            try:
+                yield stats
+            finally:
+                for h in handles:
+                    h.remove()
+        return
+    down, mlp = spec.get(layer, spec.down), spec.get(layer, spec.mlp)
     if moments or gram or not fused:
         handles.append(down.register_forward_pre_hook(on_down_input))
     try:

@@ -43,11 +43,18 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, te
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
-def lora_targets(model) -> list[str]:
-    """The leaf names of every prunable projection of the model's family (attention and MLP)."""
+def lora_targets(model) -> str:
+    """peft's target_modules: a pattern for every prunable projection of the model's family (attention and MLP),
+    by its path inside a decoder layer. A mixture-of-experts model adapts its attention only: its experts are 3-D
+    parameters that peft wraps only without LoRA dropout, and under transformers 5 peft maps the MLP names
+    (gate_proj / up_proj / down_proj) onto the experts' fused parameters wherever they appear, so the experts and
+    any dense MLP layers stay frozen."""
+    import re
     spec = spec_for(model)
-    paths = [spec.q, spec.k, spec.v, spec.qkv, spec.o, spec.gate_up, *spec.mlp_in, spec.down]
-    return sorted({p.rsplit(".", 1)[-1] for p in paths if p})
+    paths = [spec.q, spec.k, spec.v, spec.qkv, spec.o]
+    if spec.moe is None:
+        paths += [spec.gate_up, *spec.mlp_in, spec.down]
+    return r"^.*layers\.\d+\.(" + "|".join(sorted(re.escape(p) for p in paths if p)) + ")$"
 
 
 def check_teacher(student, teacher, student_tok, teacher_tok) -> None:
