@@ -147,6 +147,8 @@ def bench_one(preset: str, args) -> tuple[list[dict], list[str]]:
     folder = Path(args.cache or cache_dir() / "bench") / f"{preset}-shapes-{layers}L-bf16"
     folder, gen_s = synthetic_checkpoint(folder, layers, preset)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    from amp.io.safetensors_io import Checkpoint
+    layer_bytes = sum(t.nbytes for n, t in Checkpoint(folder).tensors.items() if n.startswith("model.layers.0."))
     print(f"checkpoint {folder}: {size / 1e9:.2f} GB" +
           (f", written in {gen_s:.0f} s" if gen_s else " (cached)"))
     runs = {}
@@ -160,7 +162,9 @@ def bench_one(preset: str, args) -> tuple[list[dict], list[str]]:
         rep = run["report"]
         row = {"shapes": preset, "path": name, "checkpoint_gb": round(size / 1e9, 3), "layers": layers,
                "peak_rss_gib": round(run["peak_rss_bytes"] / 2**30, 3),
-               "peak_rss_over_checkpoint": round(run["peak_rss_bytes"] / size, 3), "wall_s": round(run["wall_s"], 1),
+               "peak_rss_over_checkpoint": round(run["peak_rss_bytes"] / size, 3),
+               "layer_gb": round(layer_bytes / 1e9, 3), "peak_rss_in_layers": round(run["peak_rss_bytes"] / layer_bytes, 2),
+               "wall_s": round(run["wall_s"], 1),
                "s_per_layer": round(sum(v["seconds"] for k, v in rep["phases"].items()
                                         if k in ("load", "calibrate", "compensate", "slice", "write")) / layers, 1),
                "read_gb": round(rep["memory"]["bytes_read"] / 1e9, 3),
@@ -182,7 +186,8 @@ def bench_one(preset: str, args) -> tuple[list[dict], list[str]]:
                + (f" (written in {gen_s:.0f} s)" if gen_s else "") + f"; prune at {args.ratio:.0%} on "
                f"{args.device}, {args.nsamples} x {args.seqlen} calibration tokens ({args.calib}).",
                f"Streamed peak RSS: {s['peak_rss_bytes'] / 2**30:.2f} GiB = "
-               f"{s['peak_rss_bytes'] / size:.1%} of the checkpoint (target: under 25 %); "
+               f"{s['peak_rss_bytes'] / size:.1%} of the checkpoint (target: under 25 %), "
+               f"{s['peak_rss_bytes'] / layer_bytes:.2f}x one decoder layer ({layer_bytes / 1e9:.2f} GB); "
                f"{rows[0]['s_per_layer']} s per layer."]
     if "in-memory" in runs:
         m = runs["in-memory"]

@@ -84,12 +84,24 @@ def record(name: str, rows: list[dict], summary: list[str] | None = None, result
     results_dir.mkdir(parents=True, exist_ok=True)
     head = machine()
     csv_path = results_dir / f"{name}.csv"
-    fields = list(head) + [k for k in rows[0] if k not in head]
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
+    fields = list(head) + [k for r in rows for k in r if k not in head]
+    fields = list(dict.fromkeys(fields))
+    old_rows: list[dict] = []
+    if csv_path.exists():
+        with csv_path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = reader.fieldnames or []
+            if old_fields != fields[:len(old_fields)] or len(old_fields) < len(fields):
+                old_rows = list(reader)  # new columns: the file is rewritten with the union of both headers
+                fields = list(dict.fromkeys(old_fields + fields))
+            else:
+                fields = old_fields
+    rewrite = bool(old_rows) or not csv_path.exists()
+    with csv_path.open("w" if rewrite else "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
+        if rewrite:
             writer.writeheader()
+            writer.writerows(old_rows)
         for row in rows:
             writer.writerow({**head, **row})
     with (results_dir / f"{name}.md").open("a") as f:

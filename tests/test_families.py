@@ -78,3 +78,16 @@ def test_supported_lists_the_new_families():
         assert cls in amp.SUPPORTED
     assert "Olmo2ForCausalLM" not in amp.SUPPORTED
     assert json.dumps(list(amp.SUPPORTED))
+
+
+@pytest.mark.parametrize("family", ["qwen3_gqa", "gemma2_gqa", "gemma3_gqa"])
+def test_recovery_runs_and_merges_exactly(family):
+    """LoRA on the new dense families (Gemma 2's soft-capped eager attention included): the loss is finite, the
+    merged model equals the adapted one."""
+    model = make_tiny(family)
+    amp.prune_(model, amp.PruneConfig(ratio=0.3, heads="query", allocation="depth", batch_size=3), _long_samples(),
+               progress=False)
+    result = amp.recover_model(model, None, amp.RecoverConfig(steps=3, batch_size=2, lr=1e-3),
+                               samples=_long_samples(6, 20), progress=False)
+    assert result["steps"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result["history"])
+    assert result["merge_max_abs_diff"] < 1e-4

@@ -57,12 +57,21 @@ class Layout:
         parts = self.disk(name, shape)
         if len(parts) == 1 and parts[0][0] == name:
             return read(name)
-        if self._gate_up.match(name):
-            tensors = [read(n) for n, _ in parts]
-            return torch.stack([torch.cat(tensors[i:i + 2]) for i in range(0, len(tensors), 2)])
-        if self._down.match(name):
-            return torch.stack([read(n) for n, _ in parts])
-        return read(parts[0][0])
+        if not (self._gate_up.match(name) or self._down.match(name)):
+            return read(parts[0][0])
+        # one fused tensor, filled expert by expert: host memory holds it and one expert's piece, never a list
+        out = None
+        for i, (disk, piece_shape) in enumerate(parts):
+            piece = read(disk)
+            if out is None:
+                out = torch.empty(shape, dtype=piece.dtype)
+            if self._gate_up.match(name):
+                e, half = divmod(i, 2)
+                out[e, half * piece_shape[0]:(half + 1) * piece_shape[0]] = piece
+            else:
+                out[i] = piece
+            del piece
+        return out
 
     def split(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         parts = self.disk(name, tuple(tensor.shape))

@@ -240,12 +240,17 @@ def slice_experts(layer, moe: MoESpec, kept: torch.Tensor, neurons: list[torch.T
     if getattr(router, "bias", None) is not None:
         router.bias = nn.Parameter(router.bias.detach().index_select(0, kept_d).clone(), requires_grad=False)
     gu, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
-    width = gu.shape[1] // 2
-    new_gu = torch.stack([torch.cat([gu[e, n.to(device)], gu[e, width + n.to(device)]])
-                          for e, n in zip(kept.tolist(), neurons)])
-    new_down = torch.stack([down[e][:, n.to(device)] for e, n in zip(kept.tolist(), neurons)])
-    experts.gate_up_proj = nn.Parameter(new_gu.contiguous(), requires_grad=False)
-    experts.down_proj = nn.Parameter(new_down.contiguous(), requires_grad=False)
+    width, keep = gu.shape[1] // 2, len(neurons[0]) if neurons else 0
+    # filled expert by expert: the layer's memory grows by the new tensors only, never by a list of pieces
+    new_gu = gu.new_empty(len(kept), 2 * keep, gu.shape[2])
+    new_down = down.new_empty(len(kept), down.shape[1], keep)
+    for i, (e, n) in enumerate(zip(kept.tolist(), neurons)):
+        n = n.to(device)
+        new_gu[i, :keep] = gu[e].index_select(0, n)
+        new_gu[i, keep:] = gu[e].index_select(0, width + n)
+        new_down[i] = down[e].index_select(1, n)
+    experts.gate_up_proj = nn.Parameter(new_gu, requires_grad=False)
+    experts.down_proj = nn.Parameter(new_down, requires_grad=False)
     # transformers caches these at construction; keep them true for the new sizes
     for module, name, value in ((router, "num_experts", len(kept)), (experts, "num_experts", len(kept)),
                                 (experts, "intermediate_dim", len(neurons[0]) if neurons else 0)):
