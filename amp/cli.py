@@ -60,6 +60,9 @@ def _prune_parser(sub):
     p.add_argument("--moe", default="auto", choices=MOE,
                    help="mixture-of-experts layers: remove whole experts, expert neurons (the same count in every "
                         "expert of a layer), or let the budget decide (auto)")
+    p.add_argument("--multiple-of", type=int, default=1,
+                   help="kept neurons per layer (and expert widths), and the attention's width (kept query heads x "
+                        "head_dim), are multiples of this, e.g. 64 or 128, so that GEMM shapes tile well")
     p.add_argument("--min-keep", type=float, default=0.1,
                    help="per-layer floor: every layer keeps at least this share of its heads and of its neurons")
     p.add_argument("--depth-range", default="0.5,1.5",
@@ -215,7 +218,8 @@ def cmd_prune(args) -> int:
                          offload=args.offload, stream=not args.no_stream, max_shard_size=args.max_shard_size,
                          allocation=args.allocation, heads=args.heads, min_keep=args.min_keep,
                          depth_range=_pair(args.depth_range), compensate=args.compensate, damp=args.damp,
-                         sequential=args.sequential, moe=args.moe)
+                         sequential=args.sequential, moe=args.moe,
+                         multiple_of=args.multiple_of)
     recovery = _recover_config(args, prefix="recover-") if args.recover else None
     if not args.recover and args.teacher:
         raise AmpError("--teacher is a recovery flag: add --recover")

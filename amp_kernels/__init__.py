@@ -10,8 +10,21 @@ import torch
 from . import reference
 from .dispatch import TRITON_AVAILABLE, use_triton
 
-__all__ = ["head_norms", "swiglu", "geglu", "swiglu_matmul", "gelu_mlp_act", "gqa_attention", "reference",
-           "TRITON_AVAILABLE"]
+__all__ = ["head_norms", "swiglu", "geglu", "swiglu_matmul", "gelu_mlp_act", "gqa_attention", "decode_groups",
+           "reference", "TRITON_AVAILABLE"]
+
+DECODE_MAX_T = 16  # new tokens up to which attention takes the decode kernel (each KV head's cache read once)
+
+
+def decode_groups(head_map: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(num_kv_heads, G) int32 table of the query heads each KV head serves (-1 pads), for `gqa_attention`'s
+    decode path; compute it once per layer and pass it as `groups`."""
+    hm = head_map.detach().to("cpu", torch.long)
+    members = [(hm == h).nonzero().flatten().tolist() for h in range(num_kv_heads)]
+    table = torch.full((num_kv_heads, max(1, max(len(m) for m in members))), -1, dtype=torch.int32)
+    for h, m in enumerate(members):
+        table[h, :len(m)] = torch.tensor(m, dtype=torch.int32)
+    return table
 
 
 def _check_head_norms_args(x, w_o, num_heads, p, out):
@@ -93,8 +106,10 @@ def gelu_mlp_act(h: torch.Tensor, neuron_stats: torch.Tensor | None = None) -> t
 
 
 def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_map: torch.Tensor,
-                  causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """Attention with an arbitrary query-head -> KV-head map (uneven groups allowed)."""
+                  causal: bool = True, scale: float | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention with an arbitrary query-head -> KV-head map (uneven groups allowed). A few new tokens against a
+    cache (T <= DECODE_MAX_T) take the decode kernel, which reads each KV head's cache once for all the query heads
+    it serves; `groups` (decode_groups of head_map) saves rebuilding that table on every step."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"gqa_attention: q (B,Hq,T,d), k/v (B,Hkv,S,d) expected, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -109,6 +124,11 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_map: t
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"gqa_attention: dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if use_triton(q):
+        from .triton_gqa_decode import MAX_ROWS, gqa_decode_triton
+        if q.shape[2] <= DECODE_MAX_T:
+            groups = groups if groups is not None else decode_groups(head_map, k.shape[1])
+            if groups.shape[1] * q.shape[2] <= MAX_ROWS:
+                return gqa_decode_triton(q, k, v, groups, causal=causal, scale=scale)
         from .triton_gqa_attention import gqa_attention_triton
         return gqa_attention_triton(q, k, v, head_map, causal=causal, scale=scale)
     return reference.gqa_attention(q, k, v, head_map, causal=causal, scale=scale)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_precision, interpreting
+from .dispatch import arch_of, dot_precision, interpreting
 
 
 @triton.jit
@@ -74,8 +74,15 @@ def _gqa_attention_kernel(
     tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < T) & d_mask[None, :])
 
 
-def gqa_attention_triton(q, k, v, head_map, causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """Launcher (shapes already checked by amp_kernels.gqa_attention)."""
+def gqa_attention_config(t: int, s: int, d: int, dtype: torch.dtype, arch: int) -> dict:
+    """The one launch configuration (the launcher and amp_kernels.compiled both call this)."""
+    block_m = 64 if t >= 64 else max(16, triton.next_power_of_2(t))
+    return dict(BLOCK_M=block_m, BLOCK_N=64 if s >= 64 else 16, num_warps=4, num_stages=3)
+
+
+def gqa_attention_triton(q, k, v, head_map, causal: bool = True, scale: float | None = None,
+                         config: dict | None = None) -> torch.Tensor:
+    """Launcher (shapes already checked by amp_kernels.gqa_attention); `config` overrides gqa_attention_config."""
     bsz, hq, t, d = q.shape
     s = k.shape[2]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -83,14 +90,14 @@ def gqa_attention_triton(q, k, v, head_map, causal: bool = True, scale: float | 
     if out.numel() == 0:
         return out
     hmap = head_map.to(device=q.device, dtype=torch.int32).contiguous()
-    block_m = 64 if t >= 64 else max(16, triton.next_power_of_2(t))
-    grid = (triton.cdiv(t, block_m), bsz * hq)
+    cfg = config or gqa_attention_config(t, s, d, q.dtype, arch_of(q))
+    grid = (triton.cdiv(t, cfg["BLOCK_M"]), bsz * hq)
     _gqa_attention_kernel[grid](
         q, k, v, out, hmap, hq, t, s, scale if scale is not None else 1.0 / math.sqrt(d),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=64 if s >= 64 else 16,
+        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         CAUSAL=causal, UPCAST=interpreting() and q.dtype == torch.bfloat16,
-        PRECISION=dot_precision(q.dtype),
+        PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

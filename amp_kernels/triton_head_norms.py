@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_precision, interpreting
+from .dispatch import arch_of, dot_precision, interpreting
 
 
 @triton.jit
@@ -62,9 +62,17 @@ def _block_k(d: int) -> int:
     return 16
 
 
+def head_norms_config(tokens: int, hidden: int, d: int, dtype: torch.dtype, arch: int) -> dict:
+    """The one launch configuration (the launcher and amp_kernels.compiled both call this): tiles of tokens x
+    output features x head_dim, warps, stages."""
+    block_t = 64 if tokens >= 64 else max(16, triton.next_power_of_2(tokens))
+    block_o = 128 if hidden >= 128 else max(16, triton.next_power_of_2(hidden))
+    return dict(BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_K=_block_k(d), num_warps=4, num_stages=3)
+
+
 def head_norms_triton(x: torch.Tensor, w_o: torch.Tensor, num_heads: int, p: int = 1,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launcher (shapes already checked by amp_kernels.head_norms)."""
+                      out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Launcher (shapes already checked by amp_kernels.head_norms); `config` overrides head_norms_config."""
     x = x.contiguous()
     w_o = w_o.contiguous()
     if w_o.dtype != x.dtype:
@@ -75,12 +83,12 @@ def head_norms_triton(x: torch.Tensor, w_o: torch.Tensor, num_heads: int, p: int
     result = out if out is not None else torch.zeros(num_heads, dtype=torch.float32, device=x.device)
     if tokens == 0:
         return result
-    block_t = 64 if tokens >= 64 else max(16, triton.next_power_of_2(tokens))
-    block_o = 128 if hidden >= 128 else max(16, triton.next_power_of_2(hidden))
-    grid = (triton.cdiv(tokens, block_t), num_heads)
+    cfg = config or head_norms_config(tokens, hidden, d, x.dtype, arch_of(x))
+    grid = (triton.cdiv(tokens, cfg["BLOCK_T"]), num_heads)
     _head_norms_kernel[grid](
         x, w_o, result, tokens, hidden, x.stride(0), w_o.stride(0),
-        D=d, P=p, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_K=_block_k(d),
+        D=d, P=p, BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"], BLOCK_K=cfg["BLOCK_K"],
         UPCAST=interpreting() and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return result

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import arch_of
+
 _SQRT_2_OVER_PI = 0.7978845608028654
 
 
@@ -40,29 +42,36 @@ def _mlp_act_kernel(
         tl.atomic_add(stats_ptr + offs_i, col, mask=offs_i < I)
 
 
-def _launch(g: torch.Tensor, u: torch.Tensor | None, stats: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+def mlp_act_config(n: int, i: int, dtype: torch.dtype, arch: int) -> dict:
+    """The one launch configuration (the launcher and amp_kernels.compiled both call this)."""
+    return dict(BLOCK_N=32, BLOCK_I=min(128, max(16, triton.next_power_of_2(i))), num_warps=4, num_stages=3)
+
+
+def _launch(g: torch.Tensor, u: torch.Tensor | None, stats: torch.Tensor | None, gelu: bool,
+            config: dict | None = None) -> torch.Tensor:
     shape = g.shape
     g2 = g.reshape(-1, shape[-1]).contiguous()
     u2 = u.reshape(-1, shape[-1]).contiguous() if u is not None else g2
     n, i = g2.shape
     out = torch.empty_like(g2)
     if n and i:
-        block_i = min(128, max(16, triton.next_power_of_2(i)))
-        block_n = 32
-        grid = (triton.cdiv(n, block_n), triton.cdiv(i, block_i))
+        cfg = config or mlp_act_config(n, i, g.dtype, arch_of(g))
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(i, cfg["BLOCK_I"]))
         _mlp_act_kernel[grid](g2, u2, out, stats if stats is not None else out, n, i, g2.stride(0),
-                              GATED=u is not None, GELU=gelu, STATS=stats is not None, BLOCK_N=block_n,
-                              BLOCK_I=block_i)
+                              GATED=u is not None, GELU=gelu, STATS=stats is not None, BLOCK_N=cfg["BLOCK_N"],
+                              BLOCK_I=cfg["BLOCK_I"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.view(shape)
 
 
-def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | None = None) -> torch.Tensor:
-    return _launch(gate, up, neuron_stats, gelu=False)
+def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    return _launch(gate, up, neuron_stats, gelu=False, config=config)
 
 
-def geglu_triton(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | None = None) -> torch.Tensor:
-    return _launch(gate, up, neuron_stats, gelu=True)
+def geglu_triton(gate: torch.Tensor, up: torch.Tensor, neuron_stats: torch.Tensor | None = None,
+                 config: dict | None = None) -> torch.Tensor:
+    return _launch(gate, up, neuron_stats, gelu=True, config=config)
 
 
-def gelu_triton(h: torch.Tensor, neuron_stats: torch.Tensor | None = None) -> torch.Tensor:
-    return _launch(h, None, neuron_stats, gelu=True)
+def gelu_triton(h: torch.Tensor, neuron_stats: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    return _launch(h, None, neuron_stats, gelu=True, config=config)

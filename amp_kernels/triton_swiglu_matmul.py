@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_precision, interpreting
+from .dispatch import arch_of, dot_precision, interpreting
 
 
 @triton.jit
@@ -46,7 +46,13 @@ def _swiglu_matmul_kernel(
         tl.atomic_add(stats_ptr + offs_i, tl.sum(tl.where(mask, tl.abs(a), 0.0), axis=0), mask=offs_i < I)
 
 
-def swiglu_matmul_triton(x, w_gate, w_up, neuron_stats=None):
+def swiglu_matmul_config(n: int, i: int, k: int, dtype: torch.dtype, arch: int) -> dict:
+    """The one launch configuration (the launcher and amp_kernels.compiled both call this)."""
+    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+    return dict(BLOCK_N=block_n, BLOCK_I=64, BLOCK_K=32, num_warps=4, num_stages=3)
+
+
+def swiglu_matmul_triton(x, w_gate, w_up, neuron_stats=None, config: dict | None = None):
     x = x.contiguous()
     w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
     n, k = x.shape
@@ -54,10 +60,11 @@ def swiglu_matmul_triton(x, w_gate, w_up, neuron_stats=None):
     out = torch.empty((n, i), dtype=x.dtype, device=x.device)
     if n == 0 or i == 0:
         return out
-    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
-    grid = (triton.cdiv(n, block_n), triton.cdiv(i, 64))
+    cfg = config or swiglu_matmul_config(n, i, k, x.dtype, arch_of(x))
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(i, cfg["BLOCK_I"]))
     _swiglu_matmul_kernel[grid](x, w_gate, w_up, out, neuron_stats if neuron_stats is not None else out,
                                 n, i, k, x.stride(0), w_gate.stride(0), STATS=neuron_stats is not None,
                                 UPCAST=interpreting() and x.dtype == torch.bfloat16, PRECISION=dot_precision(x.dtype),
-                                BLOCK_N=block_n, BLOCK_I=64, BLOCK_K=32)
+                                BLOCK_N=cfg["BLOCK_N"], BLOCK_I=cfg["BLOCK_I"], BLOCK_K=cfg["BLOCK_K"],
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

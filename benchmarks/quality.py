@@ -8,7 +8,7 @@ rows for every model), side by side with the dense model.
     python -m benchmarks.quality --modes uniform/group,uniform/query,depth/query,sensitivity/query --limit 500
 - with --recipes (AMP scores, each with its own calibration set): compensation, sequential calibration and
   recovery side by side, writes benchmarks/results/quality_recovery.{md,csv,json,png}. A recipe is
-  STEPS@CALIB:N, STEPS a '+'-list of none | bias | refit | seq | depth | query | lora | kd, CALIB:N the
+  STEPS@CALIB:N, STEPS a '+'-list of none | bias | refit | seq | depth | query | mult64 | mult128 | lora | kd, CALIB:N the
   calibration source and sample count (c4 and wikitext2 in windows of 512 tokens), e.g.
     python -m benchmarks.quality --recipes none@alpaca:128,refit@c4:64,bias+refit+seq@c4:64,lora@c4:64 \
         --recover-tokens 65536 --limit 500
@@ -133,7 +133,8 @@ def main():
 
 
 _STEPS = {"none": {}, "bias": {"compensate": "bias"}, "refit": {"compensate": "refit"}, "seq": {"sequential": True},
-          "depth": {"allocation": "depth"}, "query": {"heads": "query"}}
+          "depth": {"allocation": "depth"}, "query": {"heads": "query"}, "mult64": {"multiple_of": 64},
+          "mult128": {"multiple_of": 128}}
 
 
 def _recipe(text: str, tokenizer, data_dir, seed: int):

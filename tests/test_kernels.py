@@ -142,6 +142,12 @@ ATTN_CASES = {
     "decode": (2, [0, 1, 1, 1], 3, 1, 37, 80, True),
     "non_causal": (1, [0, 1], 2, 7, 19, 64, False),
     "chunked_prefill": (1, [0, 0, 1], 2, 5, 70, 64, True),
+    # the decode kernel (T <= 16): uneven groups, caches of odd lengths cut into many slices, batch > 1
+    "decode_uneven_long_cache": (3, [2, 0, 0, 2, 2, 1], 3, 1, 1023, 64, True),
+    "decode_three_tokens_odd_cache": (2, [0, 0, 1], 2, 3, 7, 32, True),
+    "decode_one_key": (1, [0], 1, 1, 1, 16, True),
+    "decode_non_causal_unused_kv": (2, [2, 2, 0], 3, 2, 77, 128, False),
+    "prefill_past_the_decode_kernel": (1, [0, 1, 1], 2, 17, 17, 16, True),
 }
 
 
@@ -156,6 +162,25 @@ def test_gqa_attention_kernel_matches_twin(case, dtype):
     want = reference.gqa_attention(q.cpu(), k.cpu(), v.cpu(), hm, causal=causal)
     assert got.shape == q.shape and got.dtype == dtype
     torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
+
+
+def test_decode_reads_each_kv_head_once():
+    """A decode step's launch: programs over KV heads (each serving all its query heads) and cache slices, so the
+    cache is read once; the per-query-head prefill kernel would read it once per query head."""
+    from amp_kernels.compiled import captured_launches
+    from amp_kernels.triton_gqa_decode import decode_bytes
+    from amp_kernels.triton_gqa_decode import gqa_decode_triton
+    hm = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    q, k = torch.empty(2, 8, 1, 64, device="meta"), torch.empty(2, 2, 300, 64, device="meta")
+    with captured_launches() as calls:
+        gqa_decode_triton(q, k, k, amp_kernels.decode_groups(hm, 2))
+    decode, combine = calls
+    assert decode.kernel.fn.__name__ == "_gqa_decode_kernel" and decode.grid[:2] == (2, 2)
+    split = decode.kwargs["SPLIT"]
+    assert decode.grid[2] * split >= 300 > (decode.grid[2] - 1) * split  # the slices cover the cache once
+    assert combine.grid == (2 * 8 * 1,)
+    b = decode_bytes(2, 8, 2, 1, 300, 64, 2)
+    assert b["grouped"] == b["minimum"] == b["per_query_head"] // 4
 
 
 @pytest.mark.parametrize("causal", [True, False])

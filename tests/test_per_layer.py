@@ -223,3 +223,46 @@ def test_uniform_prune_from_30_percent_points_to_depth_allocation():
     depth = amp.prune_(make_tiny("llama_mha"), amp.PruneConfig(ratio=0.3, allocation="depth"),
                        random_calibration(n=4), progress=False)
     assert not any(hint in n for n in depth["notes"])
+
+
+# ---- --multiple-of: widths that tile well ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("multiple_of", [64, 128])
+@pytest.mark.parametrize("allocation,heads", [("uniform", "group"), ("uniform", "query"), ("depth", "query")])
+def test_multiple_of_rounds_widths_and_keeps_the_budget_to_the_rounding(multiple_of, allocation, heads):
+    model = smollm2_shaped()
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.2, criterion="random", allocation=allocation, heads=heads,
+                                               multiple_of=multiple_of), progress=False)
+    d, layers = 64, report["layers"]
+    for layer in layers:
+        assert len(layer["kept_neurons"]) % multiple_of == 0
+        assert (len(layer["kept_heads"]) * d) % multiple_of == 0
+    # the achieved ratio is as close as the rounding allows: a step of multiple_of neurons (3 x 576 parameters
+    # each) per layer; uniform layers all round alike (half a step each), per-layer budgets carry the remainder on
+    step = multiple_of * 3 * 576 / report["params_before"]
+    slack = len(layers) * step / 2 if allocation == "uniform" else step
+    assert abs(report["ratio_achieved"] - 0.2) <= slack + 0.005
+    assert report["allocation"]["multiple_of"] == multiple_of
+    assert report["params_after"] == sum(p.numel() for p in model.parameters())
+
+
+def test_multiple_of_prune_equals_masked_original(tmp_path, data_dir, capsys):
+    original = make_tiny("llama_gqa")
+    pruned = copy.deepcopy(original)
+    report = amp.prune_(pruned, amp.PruneConfig(ratio=0.35, allocation="depth", heads="query", multiple_of=16,
+                                                batch_size=3), random_calibration(), progress=False)
+    assert all(len(e["kept_neurons"]) % 16 == 0 and len(e["kept_heads"]) * 8 % 16 == 0 for e in report["layers"])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(_ids()).logits, masked_reference(original, report)(_ids()).logits,
+                                   rtol=1e-4, atol=1e-5)
+    src = save_tiny(make_tiny("llama_gqa"), tmp_path / "dense")
+    code, stdout, err = run_cli(capsys, "prune", src, "--ratio", 0.3, "--multiple-of", 32, "--out", tmp_path / "o",
+                                "--calib", "wikitext2", "--nsamples", 4, "--seqlen", 32, "--data-dir", data_dir,
+                                "--quiet")
+    assert code == 0, err
+    rep = json.loads((tmp_path / "o" / "amp_report.json").read_text())
+    assert all(len(e["kept_neurons"]) % 32 == 0 for e in rep["layers"])
+    code, _, err = run_cli(capsys, "prune", src, "--ratio", 0.3, "--multiple-of", 0, "--out", tmp_path / "bad",
+                           "--quiet")
+    assert_clean_failure(code, err, tmp_path / "bad")

@@ -91,7 +91,22 @@ def config_accepts(config, num_heads: int, num_kv_heads: int, head_dim: int) -> 
     return True
 
 
-def plan(model: torch.nn.Module, layers, spec: ArchSpec, geom: Geometry, ratio: float) -> Plan:
+def round_kept(keep: int, total: int, multiple_of: int) -> int:
+    """`keep` rounded to the nearest multiple of `multiple_of` (at least one multiple, at most `total`); 1: as is."""
+    if multiple_of <= 1:
+        return keep
+    rounded = max(multiple_of, round(keep / multiple_of) * multiple_of)
+    return min(rounded, total)
+
+
+def width_ok(kept_heads: int, head_dim: int, multiple_of: int) -> bool:
+    """Whether the attention's width (kept query heads x head_dim) is a multiple of `multiple_of`."""
+    return multiple_of <= 1 or (kept_heads * head_dim) % multiple_of == 0
+
+
+def plan(model: torch.nn.Module, layers, spec: ArchSpec, geom: Geometry, ratio: float, multiple_of: int = 1) -> Plan:
+    """`multiple_of`: kept neurons, and the attention's width, are multiples of it (GEMM shapes that tile well);
+    the achieved ratio is then as close as that rounding allows."""
     total = total_params(model)
     if spec.moe is not None:  # decided per layer by the budget (prune/budget.py), which checks the floors
         per_layer = round(ratio * total / len(layers))
@@ -115,7 +130,10 @@ def plan(model: torch.nn.Module, layers, spec: ArchSpec, geom: Geometry, ratio: 
         neurons = round((per_layer - n_units * attn_unit) / units.neuron)
         if not 0 <= neurons < geom.intermediate:
             continue
+        neurons = geom.intermediate - round_kept(geom.intermediate - neurons, geom.intermediate, multiple_of)
         kept_kv = geom.num_kv_heads - n_units
+        if not width_ok(kept_kv * geom.group_size, geom.head_dim, multiple_of):
+            continue
         if n_units and not config_accepts(model.config, kept_kv * geom.group_size, kept_kv, geom.head_dim):
             continue
         return Plan(target_ratio=ratio, total_params=total, attn_units_removed=n_units, neurons_removed=neurons,

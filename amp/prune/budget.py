@@ -38,7 +38,9 @@ class Block:
     error: list[float]               # error(k) for k = 0..max_remove, cumulative, nondecreasing
     step: int = 1
     removed: int = field(default=0)
-    states: list | None = None       # "moe": (experts removed, expert neurons removed) at each k
+    states: list | None = None       # what k stands for, where moves are not single structures: "moe": (experts,
+                                     # expert neurons) removed; with --multiple-of: the structures removed
+
 
     @property
     def max_remove(self) -> int:
@@ -52,6 +54,13 @@ class Block:
         dp = self.params[k] - self.params[self.removed]
         de = self.error[k] - self.error[self.removed]
         return (de / max(dp, 1), k - self.removed)
+
+
+def _coarsen(block: Block, allowed) -> Block:
+    """The block restricted to the removal counts `allowed(count)` admits (--multiple-of): k then indexes them."""
+    keep = [k for k in range(len(block.params)) if allowed(k)] or [0]  # none admitted within the floor: keep all
+    return Block(block.layer, block.kind, [block.params[k] for k in keep], [block.error[k] for k in keep],
+                 max(1, block.step * len(keep) // max(len(block.params), 1)), states=keep)
 
 
 def removal_params(order_groups: list[int], query_cost: int, kv_cost: int, group_sizes: dict[int, int]) -> list[int]:
@@ -104,7 +113,7 @@ def solve(blocks: list[Block], budget: int) -> int:
         nxt = b.next_step()
         if nxt:
             heapq.heappush(heap, (nxt[0], i))
-    freed = 0
+    freed = sum(b.params[b.removed] for b in blocks)  # a coarsened block may start with forced removals
     while freed < budget and heap:
         _, i = heapq.heappop(heap)
         b = blocks[i]
@@ -119,13 +128,14 @@ def solve(blocks: list[Block], budget: int) -> int:
         nxt = b.next_step()
         if nxt:
             heapq.heappush(heap, (nxt[0], i))
-    # An attention step can overshoot by up to a KV group: give MLP neurons back while the budget stays met. A
-    # mixture of experts moves coarsely (a whole expert, or 8 neurons of every expert): there, give a move back
-    # while that brings the total closer to the budget, even if just under it.
+    # An attention step can overshoot by up to a KV group: give MLP neurons back while the budget stays met. Coarse
+    # moves (a whole expert, 8 neurons of every expert, --multiple-of steps): give one back while that brings the
+    # total closer to the budget, even if just under it.
     for b in sorted((b for b in blocks if b.kind != "attention" and b.removed), key=lambda b: -b.removed):
         while b.removed:
             delta = b.params[b.removed] - b.params[b.removed - 1]
-            if not (freed - delta >= budget or (b.kind == "moe" and abs(freed - delta - budget) < freed - budget)):
+            coarse = b.states is not None  # experts, or --multiple-of steps: the nearest total, even just under
+            if not (freed - delta >= budget or (coarse and abs(freed - delta - budget) < freed - budget)):
                 break
             freed -= delta
             b.removed -= 1
@@ -178,40 +188,53 @@ def _block(index, kind, params, scores, measured, min_keep, errors, step) -> Blo
     return Block(index, kind, params, error, step)
 
 
-def _moe_block(index, obs, geom, min_keep: float, errors: str, mode: str) -> Block:
+def _moe_block(index, obs, geom, min_keep: float, errors: str, mode: str, multiple_of: int = 1) -> Block:
     states, params, mass = moe_structures.removal_path(obs.expert_scores, obs.expert_neuron_scores, geom,
-                                                       moe_structures.moe_units(geom), mode, min_keep)
+                                                       moe_structures.moe_units(geom), mode, min_keep, multiple_of)
     error = interpolate(obs.moe_error, len(params) - 1) if errors == "measured" else mass
     step = max(1, geom.expert_intermediate // MLP_STEPS)
     return Block(index, "moe", params, error, step, states=states)
 
 
-def layer_blocks(index, obs, units, geom, query: bool, min_keep: float, errors: str, moe_mode: str = "auto"
-                 ) -> list[Block]:
-    """The attention and MLP blocks of one layer (errors: "measured" curves, or "mass" of scores)."""
+def layer_blocks(index, obs, units, geom, query: bool, min_keep: float, errors: str, moe_mode: str = "auto",
+                 multiple_of: int = 1) -> list[Block]:
+    """The attention and MLP blocks of one layer (errors: "measured" curves, or "mass" of scores); with
+    `multiple_of`, only removal counts that leave the attention width and the MLP width multiples of it."""
+    from .allocate import width_ok
     attention, _ = _attention_block(index, obs, units, geom, query, min_keep, errors)
+    if multiple_of > 1:
+        heads_left = (lambda k: geom.num_heads - k) if query and geom.is_gqa else \
+            (lambda k: (geom.num_kv_heads - k) * geom.group_size)
+        attention = _coarsen(attention, lambda k: width_ok(heads_left(k), geom.head_dim, multiple_of))
     if obs.is_moe:
-        return [attention, _moe_block(index, obs, geom, min_keep, errors, moe_mode)]
+        return [attention, _moe_block(index, obs, geom, min_keep, errors, moe_mode, multiple_of)]
     order = removal_order(obs.neuron_scores)
     mlp = _block(index, "mlp", [k * units.neuron for k in range(geom.intermediate + 1)], obs.neuron_scores[order],
                  obs.mlp_error, min_keep, errors, max(1, geom.intermediate // MLP_STEPS))
+    if multiple_of > 1:
+        mlp = _coarsen(mlp, lambda k: (geom.intermediate - k) % multiple_of == 0)
     return [attention, mlp]
+
+
+def _count(block: Block) -> int:
+    return block.states[block.removed] if block.states is not None else block.removed
 
 
 def _cut(attention: Block, mlp: Block) -> Cut:
     if mlp.kind == "moe":
         experts, neurons = mlp.states[mlp.removed]
-        return Cut(attention=attention.removed, experts=experts, expert_neurons=neurons)
-    return Cut(attention=attention.removed, neurons=mlp.removed)
+        return Cut(attention=_count(attention), experts=experts, expert_neurons=neurons)
+    return Cut(attention=_count(attention), neurons=_count(mlp))
 
 
 def allocate(observations, units, geom, method: str, query: bool, min_keep: float, budget: int,
-             depth_range: tuple[float, float], layer_params: list[int] | None = None, moe_mode: str = "auto"
-             ) -> tuple[list[Cut], dict]:
+             depth_range: tuple[float, float], layer_params: list[int] | None = None, moe_mode: str = "auto",
+             multiple_of: int = 1) -> tuple[list[Cut], dict]:
     """Per layer what it gives up (a Cut), freeing `budget` parameters in all, and the allocation's inputs for
     the report. `layer_params`: each layer's parameters (layers of a MoE model differ); default units.layer."""
     errors = "measured" if method == "sensitivity" else "mass"
-    blocks = [layer_blocks(i, o, units, geom, query, min_keep, errors, moe_mode) for i, o in enumerate(observations)]
+    blocks = [layer_blocks(i, o, units, geom, query, min_keep, errors, moe_mode, multiple_of)
+              for i, o in enumerate(observations)]
     n = len(blocks)
     layer_params = layer_params or [units.layer] * n
     inputs: dict = {"method": method, "budget_params": budget, "min_keep": min_keep}
@@ -222,17 +245,20 @@ def allocate(observations, units, geom, method: str, query: bool, min_keep: floa
                                for o in observations]
     elif method == "depth":
         targets = depth_targets([a.params[-1] + m.params[-1] for a, m in blocks], budget, depth_range)
+        surplus = 0  # what earlier layers freed beyond their targets (coarse moves): later layers free less
         for pair, target in zip(blocks, targets):
-            solve(pair, target)
+            goal = min(max(target - surplus, 0), sum(b.params[-1] for b in pair))
+            surplus += solve(pair, goal) - target
         inputs.update(depth_range=list(depth_range), layer_targets=targets)
     elif method == "uniform":  # the same parameter count from every layer, whole attention units first
         per_layer = budget / n
         for (attention, mlp), params in zip(blocks, layer_params):
             share = per_layer / params
-            k = min(int(share * _structures(attention, geom, query)), attention.max_remove)
-            while k and attention.params[k] > per_layer:
-                k -= 1
-            attention.removed = k
+            most = int(share * _structures(attention, geom, query))
+            fits = [j for j in range(len(attention.params))
+                    if _state(attention, j) <= most and attention.params[j] <= per_layer]
+            attention.removed = max(fits, default=0)
+            k = attention.removed
             rest = per_layer - attention.params[k]
             if rest > mlp.params[-1] + (mlp.params[-1] - mlp.params[-2] if mlp.max_remove else 0) / 2:
                 what = "the experts" if mlp.kind == "moe" else "the MLP"
@@ -244,6 +270,10 @@ def allocate(observations, units, geom, method: str, query: bool, min_keep: floa
     else:
         raise AmpError(f"unknown allocation {method!r}")
     return [_cut(a, m) for a, m in blocks], inputs
+
+
+def _state(block: Block, k: int) -> int:
+    return block.states[k] if block.states is not None else k
 
 
 def _structures(attention: Block, geom, query: bool) -> int:

@@ -48,6 +48,7 @@ class PruneConfig:
     damp: float = 0.01               # refit damping, relative to the mean diagonal of the Gram matrix
     sequential: bool | None = None   # calibrate each layer on the outputs of the already-pruned layers
     moe: str = "auto"                # MoE layers: auto (the budget decides) | experts (whole) | neurons (per expert)
+    multiple_of: int = 1             # kept neurons and attention widths are multiples of this (GEMMs tile well)
                                      # (default: yes wherever calibration data is used; measured)
 
     def __post_init__(self):
@@ -89,6 +90,8 @@ class PruneConfig:
             raise AmpError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.heads not in HEADS:
             raise AmpError(f"unknown --heads {self.heads!r}; choose one of {', '.join(HEADS)}")
+        if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise AmpError(f"--multiple-of must be a positive integer, got {self.multiple_of!r}")
         if self.moe not in MOE:
             raise AmpError(f"unknown --moe {self.moe!r}; choose one of {', '.join(MOE)}")
         if not 0.0 <= self.min_keep < 1.0:

@@ -145,7 +145,7 @@ def floors(geom: Geometry, min_keep: float) -> tuple[int, int]:
 
 
 def removal_path(expert_scores: torch.Tensor, neuron_scores: torch.Tensor, geom: Geometry, units: MoEUnits,
-                 mode: str, min_keep: float) -> tuple[list[tuple[int, int]], list[int], list[float]]:
+                 mode: str, min_keep: float, multiple_of: int = 1) -> tuple[list[tuple[int, int]], list[int], list[float]]:
     """The MoE block's removal path: states (experts removed, neurons removed from each kept expert), the
     parameters freed and the score-mass error of each (error = share of expert score mass removed, plus, for each
     kept expert, its share times the share of its neuron mass removed). `mode`: experts only, neurons only, or
@@ -154,10 +154,12 @@ def removal_path(expert_scores: torch.Tensor, neuron_scores: torch.Tensor, geom:
         raise AmpError(f"unknown --moe {mode!r}; choose one of {', '.join(MOE_MODES)}")
     E, width = geom.num_experts, geom.expert_intermediate
     keep_e, keep_n = floors(geom, min_keep)
-    # the neurons removed per move keep the width a multiple of WIDTH_MULTIPLE (the first move rounds down to one)
-    first = width % WIDTH_MULTIPLE or WIDTH_MULTIPLE
+    # the neurons removed per move keep the width a multiple of WIDTH_MULTIPLE (and of --multiple-of); the first
+    # move rounds down to one
+    step = math.lcm(WIDTH_MULTIPLE, max(multiple_of, 1))
+    first = width % step or step
     most = width - max(keep_n, 1)
-    most -= (most - first) % WIDTH_MULTIPLE if most >= first else most
+    most -= (most - first) % step if most >= first else most
     share = expert_scores.double().clamp_min(0)
     share = share / (float(share.sum()) or 1.0)
     expert_order = torch.argsort(share, stable=True)          # lowest first
@@ -168,13 +170,13 @@ def removal_path(expert_scores: torch.Tensor, neuron_scores: torch.Tensor, geom:
     states, params, errors = [(0, 0)], [0], [0.0]
     allow_e = mode in ("auto", "experts") and E - keep_e > 0
     allow_n = mode in ("auto", "neurons") and most > 0
-    chunk = max(WIDTH_MULTIPLE, width // PATH_CHUNKS // WIDTH_MULTIPLE * WIDTH_MULTIPLE)
+    chunk = max(step, width // PATH_CHUNKS // step * step)
 
     def neuron_moves(n_removed: int, up_to: int) -> list[int]:
         """The states (neurons removed) of the next neuron moves, at most `up_to` neurons further."""
         out, n = [], n_removed
         while n < most:
-            n += first if n == 0 else WIDTH_MULTIPLE
+            n += first if n == 0 else step
             if n - n_removed > up_to and out:
                 break
             out.append(n)

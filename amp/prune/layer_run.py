@@ -123,7 +123,8 @@ class PruneRun:
         layer's dense outputs; a sequential prune passes False and moves it on after the cut (`propagate`)."""
         if sensitivity is not None and self.moe_layers[index]:
             sensitivity = {**sensitivity, "moe": {"mode": self.config.moe, "min_keep": self.config.min_keep,
-                                                  "config": self.model.config}}
+                                                  "config": self.model.config,
+                                                  "multiple_of": self.config.multiple_of}}
         if self.moe_layers[index] and not self.config.needs_calibration:  # data-free: still the fused layout
             from .experts import check_fused
             check_fused(layer, self.spec.moe)

@@ -119,7 +119,8 @@ def measure_sensitivity(layer, spec: ArchSpec, geom: Geometry, batches, obs: Obs
 
 def _measure_moe(layer, spec: ArchSpec, geom: Geometry, batches, reference, obs: Observation, moe: dict) -> None:
     states, _, _ = moe_structures.removal_path(obs.expert_scores, obs.expert_neuron_scores, geom,
-                                               moe_structures.moe_units(geom), moe["mode"], moe["min_keep"])
+                                               moe_structures.moe_units(geom), moe["mode"], moe["min_keep"],
+                                               moe.get("multiple_of", 1))
     expert_order = torch.argsort(obs.expert_scores, stable=True)
     neuron_order = torch.argsort(obs.expert_neuron_scores, dim=1, stable=True)
     for k in sorted({max(1, round((len(states) - 1) * f)) for f in MLP_LEVELS} - {0}) if len(states) > 1 else []:

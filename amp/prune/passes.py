@@ -37,7 +37,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
     model, geom, spec = run.model, run.geom, run.spec
     layers = source.layers
     ratio = config.ratio if config.ratio is not None else allocate.ratio_for_iteration(model, layers, config.iteration)
-    the_plan = allocate.plan(model, layers, spec, geom, ratio)
+    the_plan = allocate.plan(model, layers, spec, geom, ratio, config.multiple_of)
     if config.needs_calibration and not calibration:
         raise AmpError(f"criterion {config.criterion!r} needs calibration data")
     notes = []
@@ -51,7 +51,8 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
     note = run.decide_refit(n_tokens)
     if note:
         notes.append(note)
-    kept, allocation = [], {"method": "uniform", "heads": "group"}
+    kept, allocation = [], {"method": "uniform", "heads": "group",
+                            **({"multiple_of": config.multiple_of} if config.multiple_of > 1 else {})}
     try:
         if config.single_pass and spec.moe is None:  # a MoE layer's shape depends on its scores: two passes
             keep_kv = geom.num_kv_heads - the_plan.attn_units_removed
@@ -107,9 +108,12 @@ def _two_passes(run: PruneRun, sink, the_plan):
     budget = the_plan.params_removed_per_layer * len(observations) if uniform_groups \
         else round(the_plan.target_ratio * the_plan.total_params)
     removed, inputs = budget_module.allocate(observations, units, geom, config.allocation, query, config.min_keep,
-                                            budget, config.depth_range, layer_params, config.moe)
+                                            budget, config.depth_range, layer_params, config.moe,
+                                            config.multiple_of)
     if run.spec.moe is not None:
         inputs["moe"] = config.moe
+    if config.multiple_of > 1:
+        inputs["multiple_of"] = config.multiple_of
     shapes, kept_kv = [], []
     for obs, cut in zip(observations, removed):
         keep = kept_sets(obs, geom, query, cut)

@@ -47,6 +47,7 @@ def slice_attention(layer: nn.Module, spec: ArchSpec, geom: Geometry,
     if head_map is not None and (n_heads % n_kv or head_map != [h // (n_heads // n_kv) for h in range(n_heads)]):
         attn.amp_head_map = list(head_map)  # uneven groups: the attention applies the map by index
         attn.__dict__.pop("_amp_head_map_cache", None)
+        attn.__dict__.pop("_amp_decode_groups", None)
     for name, value in (("num_heads", n_heads), ("num_key_value_heads", n_kv)):
         if hasattr(attn, name):
             setattr(attn, name, value)

@@ -68,6 +68,15 @@ def _softcapped(query, k, v, attention_mask, scaling, causal, softcap: float):
     return torch.matmul(weights, v)
 
 
+def decode_groups_of(module, head_map: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """The decode kernel's table of query heads per KV head, built once per module and device (not per step)."""
+    cache = module.__dict__.setdefault("_amp_decode_groups", {})
+    key = (head_map.device, num_kv_heads, len(head_map))
+    if key not in cache:
+        cache[key] = amp_kernels.decode_groups(head_map, num_kv_heads).to(head_map.device)
+    return cache[key]
+
+
 def indexed_attention(query, key, value, head_map, attention_mask=None, scaling=None, causal=True, dropout=0.0,
                       group: int = 0, softcap: float | None = None):
     """The index-based path: every query head gets its own KV head gathered, then SDPA (any mask). Causal
@@ -111,7 +120,8 @@ def _attention(module, query, key, value, attention_mask, dropout: float, scalin
     softcap = kwargs.get("softcap")
     # A sliding window arrives as a mask; with no mask the window covers every key (the mask was skipped).
     if kernels and attention_mask is None and dropout == 0.0 and not softcap and use_triton(query):
-        out = amp_kernels.gqa_attention(query, key, value, head_map, causal=causal, scale=scaling)
+        out = amp_kernels.gqa_attention(query, key, value, head_map, causal=causal, scale=scaling,
+                                        groups=decode_groups_of(module, head_map, key.shape[1]))
     else:
         out = indexed_attention(query, key, value, head_map, attention_mask, scaling, causal, dropout, group,
                                 softcap)
