@@ -5,7 +5,7 @@ setup(
     version="0.3.0",
     description="AMP structured pruning (attention heads and MLP neurons) for decoder-only LLMs",
     packages=find_packages(include=["amp", "amp.*", "amp_kernels", "amp_kernels.*"]),
-    package_data={"amp": ["resources/*.json", "resources/*.jsonl"]},
+    package_data={"amp": ["resources/*.json", "resources/*.jsonl", "resources/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<3",

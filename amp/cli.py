@@ -1,4 +1,4 @@
-"""The command line: `amp prune`, `amp recover`, `amp eval`, `amp generate`, `amp info`; argument parsing and
+"""The command line: `amp prune`, `amp recover`, `amp eval`, `amp generate`, `amp info`, `amp export`; parsing and
 printing, no logic of its own (every command calls the API below it; AmpError becomes one line and exit 2)."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import sys
 
 from .api import prune_checkpoint
+from .export import FORMATS, export_checkpoint
 from .common.errors import AmpError
 from .io.folders import write_json_atomic
 from .io.info import describe
@@ -77,6 +78,10 @@ def _prune_parser(sub):
                    help="calibrate each layer on the outputs of the already-pruned layers before it (default: on "
                         "when calibration data is used); --no-sequential: on the dense model's outputs, as the "
                         "paper does")
+    p.add_argument("--export", default=None, choices=sorted(FORMATS),
+                   help="then export the result for a serving engine (decilm: vLLM / SGLang / TensorRT-LLM; gguf: "
+                        "llama.cpp) into --export-out (default OUT-FORMAT)")
+    p.add_argument("--export-out", default=None, help="where --export writes (default: OUT-decilm / OUT-gguf)")
     p.add_argument("--recover", action="store_true",
                    help="then fine-tune (LoRA, and distillation when --teacher is given) into the same --out")
     _recovery_flags(p, prefix="recover-")
@@ -168,6 +173,34 @@ def _recover_config(args, prefix: str = ""):
                          checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
 
 
+def _export_parser(sub):
+    p = sub.add_parser("export", help="write a model folder in the form a serving engine loads (DeciLM for vLLM, "
+                                      "SGLang, TensorRT-LLM; GGUF for llama.cpp)")
+    p.add_argument("model_dir")
+    p.add_argument("--format", required=True, choices=sorted(FORMATS))
+    p.add_argument("--out", required=True, help="output folder (appears only when complete)")
+    p.add_argument("--gguf-dtype", default="f16", choices=("f32", "f16", "bf16"), help="GGUF tensor type")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _print_export(report: dict, out) -> None:
+    print(f"exported {report['source']} as {report['format']} to {out}: {report['zero_query_heads']} zero query heads "
+          f"and {report['added_kv_heads']} added KV heads padded in, {report['params_added_by_padding']:,} parameters "
+          f"({report['padding_share']:.2%} of the model)")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    how = {"decilm": f"vllm serve {out} --trust-remote-code", "gguf": f"llama-cli -m {out}/model.gguf"}
+    print(f"serve it: {how[report['format']]}")
+
+
+def cmd_export(args) -> int:
+    report = export_checkpoint(args.model_dir, args.format, args.out, overwrite=args.overwrite,
+                               progress=not args.quiet, dtype=args.gguf_dtype if args.format == "gguf" else None)
+    _print_export(report, args.out)
+    return 0
+
+
 def _recover_parser(sub):
     p = sub.add_parser("recover", help="LoRA fine-tuning (optionally distilled from the dense model) of a pruned "
                                        "model, merged into its weights")
@@ -223,6 +256,10 @@ def cmd_prune(args) -> int:
     recovery = _recover_config(args, prefix="recover-") if args.recover else None
     if not args.recover and args.teacher:
         raise AmpError("--teacher is a recovery flag: add --recover")
+    export_out = args.export_out or (f"{str(args.out).rstrip('/')}-{args.export}" if args.export else None)
+    if args.export:  # checked before the prune: a taken export folder must not cost a whole prune
+        from .io.folders import check_output
+        check_output(export_out, args.overwrite)
     report = prune_checkpoint(args.model, config, args.out, overwrite=args.overwrite, data_dir=args.data_dir,
                               progress=not args.quiet, recover=recovery, teacher=args.teacher)
     pl = report["per_layer"]
@@ -269,6 +306,9 @@ def cmd_prune(args) -> int:
         print(f"note: {note}")
     if "recovery" in report:
         _print_recovery(report["recovery"], args.out)
+    if args.export:
+        _print_export(export_checkpoint(args.out, args.export, export_out, overwrite=args.overwrite,
+                                        progress=not args.quiet), export_out)
     print(f"measure what it kept: amp eval {args.out} --baseline {report['model_path']}")
     return 0
 
@@ -290,10 +330,11 @@ def main(argv=None) -> int:
     _eval_parser(sub)
     _generate_parser(sub)
     _recover_parser(sub)
+    _export_parser(sub)
     args = parser.parse_args(argv)
     try:
         return {"prune": cmd_prune, "info": cmd_info, "eval": cmd_eval, "generate": cmd_generate,
-                "recover": cmd_recover}[args.command](args)
+                "recover": cmd_recover, "export": cmd_export}[args.command](args)
     except AmpError as e:
         print(f"amp: error: {e}", file=sys.stderr)
         return 2

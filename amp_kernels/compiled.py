@@ -207,14 +207,16 @@ def workloads(family: str, dtype: torch.dtype) -> list[tuple[str, object, tuple,
     return out
 
 
-def table(families=None, dtypes=("bf16", "fp16", "fp32"), archs=ARCHS, progress=None) -> list[dict]:
+def table(families=None, dtypes=("bf16", "fp16", "fp32"), archs=ARCHS, progress=None, kernels=None) -> list[dict]:
     """One row per (family, kernel, dtype, arch, launch): the launch configuration and its resources. Identical
-    compilations (same kernel, specialization and options) are compiled once."""
+    compilations (same kernel, specialization and options) are compiled once. `kernels`: only these workloads."""
     cache: dict = {}
     rows = []
     for family in families or FAMILIES:
         for dname in dtypes:
             for name, launcher, args, kwargs in workloads(family, DTYPES[dname]):
+                if kernels is not None and name not in kernels:
+                    continue
                 for arch in archs:
                     for i, launch in enumerate(capture(arch, launcher, *args, **kwargs)):
                         const = {k: v for k, v in launch.kwargs.items()}

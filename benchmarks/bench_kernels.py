@@ -2,8 +2,9 @@
 
 (1) head_norms: fused kernel vs the naive einsum + abs + sum (what the paper's hooks do) vs a plain matmul of
     the same size (x @ W_o^T, the floor); (2) swiglu with statistics: fused vs unfused torch, and (GPU only) the gate/up matmuls fused in too against
-    cuBLAS matmuls + the swiglu kernel; (3) gqa_attention
-    vs SDPA with K/V expanded to every query head.
+    cuBLAS matmuls + the swiglu kernel; (3) gqa_attention vs SDPA with K/V expanded to every query head; (4) a
+    decode step at 1k / 8k / 32k cached tokens: the grouped decode kernel (each KV head's cache read once) vs the
+    per-query-head kernel it replaced vs SDPA, with the bytes each reads from the cache.
 GPU: triton.testing.do_bench, peak CUDA memory above the inputs. CPU: the twins (the engine's CPU path) against
 the naive path, with peak resident memory above the inputs (Linux VmHWM, reset before each call).
     python -m benchmarks.bench_kernels [--tokens 2048,8192,16384] [--models smollm2,llama2-7b,llama3-8b]
@@ -129,6 +130,34 @@ def bench_attention(name, tokens, dtype, repeats):
     return rows
 
 
+def bench_decode(name, cache, dtype, repeats):
+    """One decode step (T = 1) against `cache` cached tokens: the grouped decode kernel (each KV head's cache read
+    once) vs the per-query-head kernel it replaced vs SDPA on expanded K/V; bytes read from the cache beside."""
+    from amp_kernels.triton_gqa_attention import gqa_attention_triton
+    from amp_kernels.triton_gqa_decode import decode_bytes, gqa_decode_triton
+    _, hq, hkv, d, _ = MODELS[name]
+    dev = "cuda" if CUDA else "cpu"
+    q = torch.randn(1, hq, 1, d, device=dev, dtype=dtype)
+    k = torch.randn(1, hkv, cache, d, device=dev, dtype=dtype)
+    v = torch.randn(1, hkv, cache, d, device=dev, dtype=dtype)
+    hmap = torch.arange(hq, device=dev) // (hq // hkv)
+    groups = amp_kernels.decode_groups(hmap, hkv).to(dev)
+    elt = torch.empty((), dtype=dtype).element_size()
+    nbytes = decode_bytes(1, hq, hkv, 1, cache, d, elt)
+    impls = [("sdpa, expanded K/V", lambda: F.scaled_dot_product_attention(q, k.index_select(1, hmap),
+                                                                           v.index_select(1, hmap)),
+              nbytes["minimum"] + 2 * nbytes["per_query_head"])]
+    if CUDA:
+        impls = [("grouped decode kernel", lambda: gqa_decode_triton(q, k, v, groups), nbytes["grouped"]),
+                 ("per-query-head kernel", lambda: gqa_attention_triton(q, k, v, hmap), nbytes["per_query_head"])
+                 ] + impls
+    else:
+        impls = [("twin", lambda: reference.gqa_attention(q, k, v, hmap), nbytes["per_query_head"])] + impls
+    return [{"op": "decode", "model": name, "tokens": cache, "dtype": str(dtype).split(".")[-1], "impl": label,
+             "ms": _time(fn, repeats) * 1e3, "peak_extra_mb": _peak_extra_mb(fn), "cache_mb_read": b / 1e6,
+             "cache_mb_minimum": nbytes["minimum"] / 1e6} for label, fn, b in impls]
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -157,17 +186,19 @@ def main():
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--dtype", default="bfloat16" if CUDA else "float32")
     p.add_argument("--repeats", type=int, default=3 if CUDA else 5)
-    p.add_argument("--ops", default="head_norms,swiglu,swiglu_matmul,attention" if CUDA else "head_norms,swiglu,attention")
+    p.add_argument("--ops", default="head_norms,swiglu,swiglu_matmul,attention,decode" if CUDA else
+                   "head_norms,swiglu,attention")
+    p.add_argument("--caches", default="1024,8192,32768", help="cached tokens of the decode benchmark")
     p.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS), help="results folder")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     benches = {"head_norms": bench_head_norms, "swiglu": bench_swiglu, "swiglu_matmul": bench_swiglu_matmul,
-               "attention": bench_attention}
+               "attention": bench_attention, "decode": bench_decode}
     rows = []
     torch.manual_seed(0)
     for op in args.ops.split(","):
         for model in args.models.split(","):
-            for tokens in map(int, args.tokens.split(",")):
+            for tokens in map(int, (args.caches if op == "decode" else args.tokens).split(",")):
                 new = benches[op](model, tokens, dtype, args.repeats)
                 for r in new:
                     print(f"{r['op']:<13} {r['model']:<10} {r['tokens']:>6} {r['impl']:<20} {r['ms']:10.3f} ms "

@@ -34,7 +34,8 @@ def _module_name(path: Path) -> str:
 
 def _modules() -> dict[str, Path]:
     files = [*(ROOT / "amp").rglob("*.py"), *(ROOT / "amp_kernels").rglob("*.py")]
-    return {_module_name(p): p for p in files if "__pycache__" not in p.parts}
+    # amp/resources holds data the engine writes out (configuration_decilm.py goes beside DeciLM exports), not code
+    return {_module_name(p): p for p in files if "__pycache__" not in p.parts and "resources" not in p.parts}
 
 
 MODULES = _modules()

