@@ -254,3 +254,23 @@ def problems(row: dict) -> list[str]:
     if tiled and row["dtype"] == "bf16" and row["arch"] == "sm_90a" and not row["tensor_cores"]:
         out.append("bf16 tile path without wgmma on sm_90a")
     return out
+
+
+def table_in_subprocess(families, dtypes, archs, kernels=None) -> list[dict]:
+    """`table` in a fresh Python process: a process whose Triton runs kernels under TRITON_INTERPRET=1 (the CPU
+    test suite) holds interpreted language functions that the real compiler refuses."""
+    import json
+    import subprocess
+    import sys
+    code = ("import json, sys; from amp_kernels import compiled; a = json.loads(sys.argv[1]); "
+            "print('ROWS ' + json.dumps(compiled.table(a['f'], tuple(a['d']), tuple(a['a']), kernels=a['k'])))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    args = json.dumps({"f": list(families), "d": list(dtypes), "a": list(archs),
+                       "k": list(kernels) if kernels else None})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, cwd=root)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS ")), None)
+    if line is None:
+        raise RuntimeError(f"the compile check failed to run:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("ROWS "):])

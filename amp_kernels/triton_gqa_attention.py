@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import PREFILL, lookup
 from .dispatch import arch_of, dot_precision, interpreting
 
 
@@ -75,9 +76,12 @@ def _gqa_attention_kernel(
 
 
 def gqa_attention_config(t: int, s: int, d: int, dtype: torch.dtype, arch: int) -> dict:
-    """The one launch configuration (the launcher and amp_kernels.compiled both call this)."""
-    block_m = 64 if t >= 64 else max(16, triton.next_power_of_2(t))
-    return dict(BLOCK_M=block_m, BLOCK_N=64 if s >= 64 else 16, num_warps=4, num_stages=3)
+    """The one launch configuration (the launcher and amp_kernels.compiled both call this), from the compiled table
+    (configs.PREFILL), shrunk for short sequences."""
+    cfg = lookup(PREFILL, dtype, d, arch)
+    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, triton.next_power_of_2(t)))
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(s)))
+    return cfg
 
 
 def gqa_attention_triton(q, k, v, head_map, causal: bool = True, scale: float | None = None,

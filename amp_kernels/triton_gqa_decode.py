@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import DECODE, lookup
 from .dispatch import arch_of, dot_precision, interpreting
 
 SM_COUNT = {80: 108, 90: 132}     # A100, H100: programs to fill the GPU with cache slices
@@ -21,20 +22,20 @@ MAX_ROWS = 64                     # rows (query heads x tokens) one program hold
 
 
 def decode_config(bsz: int, kv_heads: int, group: int, t: int, s: int, d: int, dtype: torch.dtype, arch: int) -> dict:
-    """The launch configuration: rows per program (query heads x tokens, padded to a power of two >= 16, which
-    tl.dot needs), the cache block, how many slices the cache is cut into so that the GPU is full, warps, stages."""
+    """The one launch configuration (the launcher and amp_kernels.compiled both call this): rows per program (query
+    heads x tokens, padded to a power of two >= 16, which tl.dot needs), the cache block, how many slices the cache
+    is cut into so that the GPU is full, warps, stages."""
     rows = max(16, triton.next_power_of_2(group * t))
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every dimension >= 16
-    block_n = 64 if d <= 128 else 32
-    if dtype == torch.float32:
-        block_n = 32 if d <= 128 else 16
+    table = lookup(DECODE, dtype, d, arch)  # the compiled table: spill-free tiles, warps, stages
+    block_n = min(table["BLOCK_N"], max(16, triton.next_power_of_2(s)))
     blocks = triton.cdiv(s, block_n)
     target = 2 * SM_COUNT.get(arch, 132)
     splits = max(1, min(blocks, triton.cdiv(target, max(bsz * kv_heads, 1))))
     per_split = triton.cdiv(blocks, splits) * block_n
     splits = triton.cdiv(s, per_split)
     return dict(ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=per_split, splits=splits,
-                num_warps=4, num_stages=2)
+                num_warps=table["num_warps"], num_stages=table["num_stages"])
 
 
 @triton.jit

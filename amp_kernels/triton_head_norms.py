@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import HEAD_NORMS, lookup
 from .dispatch import arch_of, dot_precision, interpreting
 
 
@@ -64,10 +65,14 @@ def _block_k(d: int) -> int:
 
 def head_norms_config(tokens: int, hidden: int, d: int, dtype: torch.dtype, arch: int) -> dict:
     """The one launch configuration (the launcher and amp_kernels.compiled both call this): tiles of tokens x
-    output features x head_dim, warps, stages."""
-    block_t = 64 if tokens >= 64 else max(16, triton.next_power_of_2(tokens))
-    block_o = 128 if hidden >= 128 else max(16, triton.next_power_of_2(hidden))
-    return dict(BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_K=_block_k(d), num_warps=4, num_stages=3)
+    output features x head_dim, warps, stages, from the compiled table (configs.HEAD_NORMS: spill-free, wgmma on
+    sm_90a), shrunk for small inputs."""
+    cfg = lookup(HEAD_NORMS, dtype, d, arch)
+    cfg["BLOCK_T"] = min(cfg["BLOCK_T"], max(16, triton.next_power_of_2(tokens)))
+    cfg["BLOCK_O"] = min(cfg["BLOCK_O"], max(16, triton.next_power_of_2(hidden)))
+    if d % cfg["BLOCK_K"]:
+        cfg["BLOCK_K"] = _block_k(d)
+    return cfg
 
 
 def head_norms_triton(x: torch.Tensor, w_o: torch.Tensor, num_heads: int, p: int = 1,

@@ -19,7 +19,7 @@ export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
 } 2>&1 | tee "$LOGS/gpu_env.txt"
 # test_inference and test_per_layer (minus the tests that read ../shared/data, absent there) also check that
 # accelerate_ and per-layer checkpoints work with the GPU machine's own transformers version.
-timeout 180 python -m pytest -q -s -p no:cacheprovider -o addopts="" tests/test_kernels.py tests/test_cuda.py \
+timeout 180 python -m pytest -q -s -p no:cacheprovider -o addopts="" -m "not runtime" tests/test_kernels.py tests/test_cuda.py \
   tests/test_compiled.py tests/test_inference.py tests/test_per_layer.py tests/test_compensate.py tests/test_recover.py \
   -k "not round_trip and not amp_eval_and_info and not bad_allocation and not plain_config and not one_command" \
   2>&1 | tee "$LOGS/gpu_tests.log"

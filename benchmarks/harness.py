@@ -107,10 +107,10 @@ def record(name: str, rows: list[dict], summary: list[str] | None = None, result
     with (results_dir / f"{name}.md").open("a") as f:
         f.write(f"\n## {head['date']} · commit {head['commit']}\n\n")
         f.write("; ".join(f"{k}: {v}" for k, v in head.items() if k not in ("date", "commit")) + "\n\n")
-        cols = list(rows[0])
+        cols = list(dict.fromkeys(k for r in rows for k in r))  # rows of different kinds: every column, blanks
         f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
         for row in rows:
-            f.write("| " + " | ".join(_fmt(row[c]) for c in cols) + " |\n")
+            f.write("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |\n")
         for line in summary or []:
             f.write(f"\n{line}\n")
     return head

@@ -12,9 +12,17 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # Triton builds its own library functions (tl.sum, tl.sigmoid, ...) at import time, for the interpreter only
     # if TRITON_INTERPRET=1 then. Import it so here, then switch the flag off again: the engine's tests run the
     # pure-torch twins, and the kernel tests switch the interpreter on for themselves (test_kernels.py).
+    # The kernel modules too: whichever test imports them first, the kernel tests find interpreted kernels
+    # (amp_kernels.compiled rebuilds compilable ones from them).
     try:
         os.environ["TRITON_INTERPRET"] = "1"
         import triton.language  # noqa: F401
+
+        import amp_kernels.triton_gqa_attention  # noqa: F401
+        import amp_kernels.triton_gqa_decode  # noqa: F401
+        import amp_kernels.triton_head_norms  # noqa: F401
+        import amp_kernels.triton_mlp_act  # noqa: F401
+        import amp_kernels.triton_swiglu_matmul  # noqa: F401
     except ImportError:
         pass
     finally:

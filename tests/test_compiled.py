@@ -19,7 +19,7 @@ SUBSET = [  # family, dtype, architectures, kernels (None: all the family's)
 
 @pytest.mark.parametrize("family,dtype,archs,kernels", SUBSET, ids=[f"{f}-{d}" for f, d, _, _ in SUBSET])
 def test_kernels_compile_without_spills_and_with_tensor_cores(family, dtype, archs, kernels):
-    rows = compiled.table([family], (dtype,), archs, kernels=kernels)
+    rows = compiled.table_in_subprocess([family], (dtype,), archs, kernels=kernels)
     assert rows and {r["arch"] for r in rows} == {f"sm_{a}a" if a == 90 else f"sm_{a}" for a in archs}
     bad = [f"{r['kernel']} {r['dtype']} {r['arch']} [{r['config']}]: {'; '.join(compiled.problems(r))}"
            for r in rows if compiled.problems(r)]
@@ -42,11 +42,18 @@ def test_what_is_compiled_is_what_the_launcher_would_launch():
 
 def test_the_check_sees_a_spill_and_missing_tensor_cores():
     """problems() is not vacuous: a deliberately oversized tile spills, and an fp32-style report lacks wgmma."""
-    from amp_kernels.triton_head_norms import head_norms_triton
-    x = torch.empty(4096, 32 * 128, dtype=torch.float32, device="meta")
     big = dict(BLOCK_T=128, BLOCK_O=128, BLOCK_K=64, num_warps=4, num_stages=3)
-    (launch,) = compiled.capture(80, head_norms_triton, x, x, 32, config=big)
-    res = compiled.resources(compiled.compile_launch(launch, 80), 80)
+    import json
+    import subprocess
+    import sys
+    code = ("import json, torch; from amp_kernels import compiled; "
+            "from amp_kernels.triton_head_norms import head_norms_triton; "
+            "x = torch.empty(4096, 32 * 128, dtype=torch.float32, device='meta'); "
+            f"(l,) = compiled.capture(80, head_norms_triton, x, x, 32, config={big!r}); "
+            "print('RES ' + json.dumps(compiled.resources(compiled.compile_launch(l, 80), 80)))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RES "))[4:])
     row = {"kernel": "head_norms", "dtype": "fp32", "arch": "sm_80", **res}
     assert res["spill_stores"] > 0 and any("spills" in p for p in compiled.problems(row))
     fake = {**row, "dtype": "bf16", "arch": "sm_90a", "spill_stores": 0, "spill_loads": 0, "tensor_cores": False}

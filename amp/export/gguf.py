@@ -228,6 +228,9 @@ def _add_tokenizer(writer, source: ExportSource) -> str | None:
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(source.folder, load_merges=True, n_vocab=size).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(source.folder, load_merges=True, n_vocab=size)
+    special.add_to_gguf(writer, quiet=True)
+    if not special.merges:  # a byte-level vocabulary without merges: llama.cpp still wants the (empty) list
+        writer.add_token_merges([])
     return ("the tokenizer was rebuilt from tokenizer.json with llama.cpp's default BPE pre-tokenizer; check that "
             "llama.cpp splits text as transformers does (llama.cpp's convert_hf_to_gguf.py names the exact one)")
