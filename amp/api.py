@@ -24,6 +24,7 @@ from .prune.passes import prune_layers
 from .prune.report import prune_report
 from .recover.checkpoints import checkpoint_path
 from .recover.data import training_texts
+from .recover.distributed import start
 from .recover.run import recover_checkpoint
 
 
@@ -69,11 +70,16 @@ def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwr
     if recover is not None:
         training_texts(recover.data, data_dir)  # a bad recovery data file fails before the prune
         stage = checkpoint_path(out).parent / "pruned"
-        pruned = prune_checkpoint(model_name, config, stage, overwrite=True, data_dir=data_dir,
-                                  progress=progress, probe=probe)
+        # under a launcher rank 0 prunes while the others wait (a long prune: the collectives may wait a day)
+        processes = start(recover.strategy, recover.device, recover.device == "cuda", timeout_hours=24)
+        if processes.is_main:
+            prune_checkpoint(model_name, config, stage, overwrite=True, data_dir=data_dir, progress=progress,
+                             probe=probe)
+        processes.barrier()
+        pruned = folders.read_report(stage)
         teacher = pruned["model_path"] if teacher == "input" else teacher
         return recover_checkpoint(stage, out, recover, teacher, data_dir=data_dir, overwrite=overwrite,
-                                  progress=progress)
+                                  progress=progress, processes=processes)
     timer = PhaseTimer(config.device)
     started = time.perf_counter()
     with timer.phase("load"):

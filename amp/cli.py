@@ -16,6 +16,7 @@ from .quality.evaluate import evaluate
 from .quality.generation import generate_text
 from .quality.table import markdown
 from .recover.config import RecoverConfig
+from .recover.distributed import STRATEGIES, is_main_process
 from .recover.run import recover_checkpoint
 
 
@@ -158,19 +159,27 @@ def _recovery_flags(p, prefix: str = ""):
     p.add_argument("--kd-weight", type=float, default=0.5, help="weight of the KL term (LM loss: 1 - w)")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (0: deterministic)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument(f"--{prefix}seqlen", type=int, default=256, help="records are truncated to this many tokens")
     p.add_argument(f"--{prefix}batch-size", type=int, default=8)
     p.add_argument("--max-records", type=int, default=None, help="use this many records of the data")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: never)")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                   help="one process, data-parallel or fully sharded; auto follows the launcher (accelerate "
+                        "launch / torchrun: FSDP when accelerate's config asks for it, else DDP)")
+    p.add_argument("--teacher-on-each-rank", action="store_true",
+                   help="under FSDP: keep a whole teacher on every rank instead of sharding it")
 
 
 def _recover_config(args, prefix: str = ""):
     get = lambda name: getattr(args, (prefix + name).replace("-", "_"))  # noqa: E731
     return RecoverConfig(data=get("data"), steps=get("steps"), epochs=get("epochs"), tokens=get("tokens"),
-                         lora_r=args.lora_r, lr=args.lr, seqlen=get("seqlen"), batch_size=get("batch-size"),
+                         lora_r=args.lora_r, lora_dropout=args.lora_dropout, lr=args.lr, seqlen=get("seqlen"),
+                         batch_size=get("batch-size"),
                          kd_weight=args.kd_weight, temperature=args.temperature, max_records=args.max_records,
-                         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
+                         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
+                         strategy=args.strategy, shard_teacher=not args.teacher_on_each_rank)
 
 
 def _export_parser(sub):
@@ -227,7 +236,8 @@ def cmd_recover(args) -> int:
     report = recover_checkpoint(args.pruned_dir, args.out, _recover_config(args), args.teacher,
                                 data_dir=args.data_dir, overwrite=args.overwrite, resume=args.resume,
                                 progress=not args.quiet, dtype=args.dtype)
-    _print_recovery(report["recovery"], args.out)
+    if is_main_process():
+        _print_recovery(report["recovery"], args.out)
     return 0
 
 
@@ -262,6 +272,8 @@ def cmd_prune(args) -> int:
         check_output(export_out, args.overwrite)
     report = prune_checkpoint(args.model, config, args.out, overwrite=args.overwrite, data_dir=args.data_dir,
                               progress=not args.quiet, recover=recovery, teacher=args.teacher)
+    if not is_main_process():  # under a launcher (prune --recover) rank 0 speaks and exports
+        return 0
     pl = report["per_layer"]
     print(f"pruned {report['model']} with {report['criterion']}: "
           f"{report['params_before']:,} -> {report['params_after']:,} parameters, "

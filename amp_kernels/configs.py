@@ -29,21 +29,21 @@ HEAD_NORMS = {
 
 
 PREFILL = {
-    (False, 64, 80): {'BLOCK_M': 128, 'BLOCK_N': 64, 'num_warps': 4, 'num_stages': 1},
+    (False, 64, 80): {'BLOCK_M': 128, 'BLOCK_N': 64, 'num_warps': 8, 'num_stages': 1},
     (False, 64, 90): {'BLOCK_M': 128, 'BLOCK_N': 64, 'num_warps': 8, 'num_stages': 1},
     (False, 96, 80): {'BLOCK_M': 128, 'BLOCK_N': 64, 'num_warps': 8, 'num_stages': 1},
     (False, 96, 90): {'BLOCK_M': 128, 'BLOCK_N': 64, 'num_warps': 8, 'num_stages': 1},
     (False, 128, 80): {'BLOCK_M': 128, 'BLOCK_N': 64, 'num_warps': 8, 'num_stages': 1},
     (False, 128, 90): {'BLOCK_M': 128, 'BLOCK_N': 64, 'num_warps': 8, 'num_stages': 1},
     (False, 256, 80): {'BLOCK_M': 64, 'BLOCK_N': 64, 'num_warps': 8, 'num_stages': 1},
-    (False, 256, 90): {'BLOCK_M': 128, 'BLOCK_N': 64, 'num_warps': 8, 'num_stages': 1},
+    (False, 256, 90): {'BLOCK_M': 64, 'BLOCK_N': 64, 'num_warps': 8, 'num_stages': 1},
     (True, 64, 80): {'BLOCK_M': 64, 'BLOCK_N': 32, 'num_warps': 8, 'num_stages': 1},
     (True, 64, 90): {'BLOCK_M': 64, 'BLOCK_N': 32, 'num_warps': 4, 'num_stages': 1},
     (True, 96, 80): {'BLOCK_M': 64, 'BLOCK_N': 32, 'num_warps': 8, 'num_stages': 2},
     (True, 96, 90): {'BLOCK_M': 64, 'BLOCK_N': 32, 'num_warps': 8, 'num_stages': 2},
     (True, 128, 80): {'BLOCK_M': 64, 'BLOCK_N': 32, 'num_warps': 8, 'num_stages': 2},
     (True, 128, 90): {'BLOCK_M': 64, 'BLOCK_N': 32, 'num_warps': 8, 'num_stages': 2},
-    (True, 256, 80): {'BLOCK_M': 64, 'BLOCK_N': 32, 'num_warps': 8, 'num_stages': 2},
+    (True, 256, 80): {'BLOCK_M': 32, 'BLOCK_N': 32, 'num_warps': 8, 'num_stages': 1},
     (True, 256, 90): {'BLOCK_M': 32, 'BLOCK_N': 32, 'num_warps': 8, 'num_stages': 2},
 }
 
@@ -55,8 +55,8 @@ DECODE = {
     (False, 96, 90): {'BLOCK_N': 128, 'num_warps': 8, 'num_stages': 2},
     (False, 128, 80): {'BLOCK_N': 128, 'num_warps': 8, 'num_stages': 1},
     (False, 128, 90): {'BLOCK_N': 128, 'num_warps': 8, 'num_stages': 2},
-    (False, 256, 80): {'BLOCK_N': 128, 'num_warps': 4, 'num_stages': 1},
-    (False, 256, 90): {'BLOCK_N': 128, 'num_warps': 4, 'num_stages': 1},
+    (False, 256, 80): {'BLOCK_N': 128, 'num_warps': 8, 'num_stages': 1},
+    (False, 256, 90): {'BLOCK_N': 128, 'num_warps': 8, 'num_stages': 1},
     (True, 64, 80): {'BLOCK_N': 128, 'num_warps': 8, 'num_stages': 1},
     (True, 64, 90): {'BLOCK_N': 128, 'num_warps': 8, 'num_stages': 2},
     (True, 96, 80): {'BLOCK_N': 64, 'num_warps': 8, 'num_stages': 1},
@@ -71,8 +71,8 @@ DECODE = {
 SWIGLU_MATMUL = {
     (False, 128, 80): {'BLOCK_N': 128, 'BLOCK_I': 128, 'BLOCK_K': 32, 'num_warps': 8, 'num_stages': 3},
     (False, 128, 90): {'BLOCK_N': 128, 'BLOCK_I': 128, 'BLOCK_K': 32, 'num_warps': 8, 'num_stages': 2},
-    (True, 128, 80): {'BLOCK_N': 64, 'BLOCK_I': 64, 'BLOCK_K': 32, 'num_warps': 8, 'num_stages': 2},
-    (True, 128, 90): {'BLOCK_N': 128, 'BLOCK_I': 128, 'BLOCK_K': 32, 'num_warps': 8, 'num_stages': 2},
+    (True, 128, 80): {'BLOCK_N': 128, 'BLOCK_I': 32, 'BLOCK_K': 32, 'num_warps': 8, 'num_stages': 3},
+    (True, 128, 90): {'BLOCK_N': 64, 'BLOCK_I': 64, 'BLOCK_K': 32, 'num_warps': 8, 'num_stages': 2},
 }
 
 

@@ -1,11 +1,14 @@
 """The search behind the launch-configuration rules in amp_kernels (head_norms_config, gqa_attention_config,
 decode_config, swiglu_matmul_config): every candidate tile / warps / stages compiled for sm_80 and sm_90a at a
 representative shape of each class (head_dim, dtype), and the resources ptxas reports. A candidate qualifies when
-it does not spill, fits in shared memory and, on a bf16 / fp16 tile path on sm_90a, uses wgmma; among those the
-rule takes the one with the most work per program (tile area), then the higher occupancy. No GPU is needed; a GPU
-run can time the qualifying candidates (benchmarks/gpu_check.sh).
+it does not spill, keeps register headroom (at most MAX_REGISTERS of the 255 a thread may hold: a candidate at the
+cap spilled at other shapes of its class, Gemma's decode at sm_80 among them), fits in shared memory and, on a bf16 /
+fp16 tile path on sm_90a, uses wgmma; among those the rule takes the one with the most work per program (tile area),
+then the higher occupancy. No GPU is needed; a GPU run can time the qualifying candidates (benchmarks/gpu_check.sh).
 
     python -m benchmarks.sweep_configs [--kernels head_norms,prefill,decode,swiglu_matmul] [--name sweep_configs]
+    python -m benchmarks.sweep_configs --reselect [--write]   # the rule over the last recorded sweep, no compiling;
+                                                              # --write rewrites amp_kernels/configs.py's tables
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 from benchmarks.harness import RESULTS, record
 
 HALF, FP32 = torch.bfloat16, torch.float32
+MAX_REGISTERS = 232         # headroom under the 255-register cap (see the docstring)
 
 
 def _m(*shape, dtype):
@@ -73,14 +77,90 @@ def launch(kernel: str, dtype: torch.dtype, d: int, cfg: dict):
                                   _m(14336, hidden, dtype=dtype)), {"config": cfg}
 
 
+def qualifies(row: dict) -> bool:
+    """The rule's filter (row: a sweep row, from this run or from the recorded CSV)."""
+    if row.get("error") or str(row.get("registers", "")) in ("", "None"):
+        return False
+    half, arch = row["dtype"] != "float32", int(str(row["arch"]).replace("sm_", ""))
+    return not int(row["spill_stores"]) and not int(row["spill_loads"]) and \
+        str(row["shared_over_limit"]) == "False" and int(row["registers"]) <= MAX_REGISTERS and \
+        (not half or arch != 90 or row["kernel"] == "decode" or str(row["tensor_cores"]) == "True")
+
+
+def choose(rows: list[dict]) -> dict:
+    """Per (kernel, dtype, head_dim, arch): the qualifying row with the largest tile, then the higher occupancy."""
+    best = {}
+    for row in rows:
+        if not qualifies(row):
+            continue
+        key = (row["kernel"], row["dtype"], int(row["head_dim"]), int(str(row["arch"]).replace("sm_", "")))
+        rank = (int(row["tile"]), float(row["occupancy"]))
+        if key not in best or rank > (int(best[key]["tile"]), float(best[key]["occupancy"])):
+            best[key] = row
+    return best
+
+
+def summarize(rows: list[dict], best: dict, kernels: list[str], dims: list[int]) -> list[str]:
+    lines = []
+    for key, row in sorted(best.items()):
+        cfg = {k: int(v) for k, v in row.items() if (k.startswith("BLOCK") or k in ("num_warps", "num_stages"))
+               and str(v) not in ("", "None")}
+        lines.append(f"{key}: {cfg} -> registers {row['registers']}, shared {row['shared_bytes']}, occupancy "
+                     f"{row['occupancy']}, tensor cores {row['tensor_cores']}")
+    missing = {(k, dt, d, a) for k in kernels for dt in ("bfloat16", "float32")
+               for d in ([128] if k == "swiglu_matmul" else dims) for a in (80, 90)} - set(best)
+    lines.append(f"classes without a qualifying candidate: {sorted(missing) or 'none'}")
+    return lines
+
+
+TABLES = {"head_norms": ("HEAD_NORMS", ("BLOCK_T", "BLOCK_O", "BLOCK_K")), "prefill": ("PREFILL", ("BLOCK_M", "BLOCK_N")),
+          "decode": ("DECODE", ("BLOCK_N",)), "swiglu_matmul": ("SWIGLU_MATMUL", ("BLOCK_N", "BLOCK_I", "BLOCK_K"))}
+
+
+def write_configs(best: dict, path: Path) -> None:
+    """Rewrites the tables of amp_kernels/configs.py from the chosen rows (keys: fp32, head_dim, arch)."""
+    import re
+    text = path.read_text()
+    for kernel, (table, blocks) in TABLES.items():
+        entries = sorted(((dt == "float32", d, a), row) for (k, dt, d, a), row in best.items() if k == kernel)
+        if not entries:
+            continue
+        body = "".join(f"    {key!r}: {dict({b: int(row[b]) for b in blocks}, num_warps=int(row['num_warps']), num_stages=int(row['num_stages']))!r},\n"
+                       for key, row in entries)
+        text, n = re.subn(rf"^{table} = \{{\n.*?^\}}\n", f"{table} = {{\n{body}}}\n", text, flags=re.S | re.M)
+        assert n == 1, table
+    path.write_text(text)
+
+
+def reselect(name: str, write: bool = False) -> int:
+    """The rule over the last recorded sweep (rows of its newest commit), printed (and with `write`, written into
+    amp_kernels/configs.py); nothing is compiled."""
+    import csv
+    rows = list(csv.DictReader(open(Path(RESULTS) / f"{name}.csv")))
+    last = rows[-1]["date"]
+    rows = [r for r in rows if r["date"] == last]
+    kernels = sorted({r["kernel"] for r in rows})
+    dims = sorted({int(r["head_dim"]) for r in rows})
+    best = choose(rows)
+    for line in summarize(rows, best, kernels, dims):
+        print(line)
+    if write:
+        write_configs(best, Path(__file__).resolve().parents[1] / "amp_kernels" / "configs.py")
+    return 0
+
+
 def main(argv=None) -> int:
     from amp_kernels import compiled
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", default="head_norms,prefill,decode,swiglu_matmul")
     p.add_argument("--dims", default="64,96,128,256")
     p.add_argument("--name", default="sweep_configs")
+    p.add_argument("--reselect", action="store_true", help="apply the rule to the last recorded sweep")
+    p.add_argument("--write", action="store_true", help="with --reselect: rewrite amp_kernels/configs.py's tables")
     args = p.parse_args(argv)
-    rows, best = [], {}
+    if args.reselect:
+        return reselect(args.name, args.write)
+    rows = []
     start = time.perf_counter()
     for kernel in args.kernels.split(","):
         dims = [128] if kernel == "swiglu_matmul" else [int(x) for x in args.dims.split(",")]
@@ -96,27 +176,16 @@ def main(argv=None) -> int:
                 for k, v in cfg.items():
                     if k.startswith("BLOCK") and k != "BLOCK_K":
                         tile *= v
-                ok = "error" not in res and not res["spill_stores"] and not res["spill_loads"] and \
-                    not res["shared_over_limit"] and (dtype == FP32 or arch != 90 or kernel == "decode"
-                                                      or res["tensor_cores"])
                 row = {"kernel": kernel, "dtype": str(dtype).replace("torch.", ""), "head_dim": d,
-                       "arch": f"sm_{arch}", **cfg, "tile": tile, "qualifies": ok, **res}
+                       "arch": f"sm_{arch}", **cfg, "tile": tile, **res}
+                row["qualifies"] = qualifies(row)
                 rows.append(row)
-                key = (kernel, row["dtype"], d, arch)
-                if ok and (key not in best or (tile, res["occupancy"]) > (best[key]["tile"], best[key]["occupancy"])):
-                    best[key] = row
                 print(f"{kernel} {row['dtype']} d={d} sm_{arch} {cfg}: " +
                       (res.get("error") or f"regs {res['registers']} spill {res['spill_stores']} shared "
                        f"{res['shared_bytes']} tc {res['tensor_cores']} occ {res['occupancy']}"), file=sys.stderr)
-    summary = [f"{len(rows)} candidates compiled in {time.perf_counter() - start:.0f} s; the chosen per class:"]
-    for key, row in sorted(best.items()):
-        cfg = {k: v for k, v in row.items() if k.startswith("BLOCK") or k in ("num_warps", "num_stages")}
-        summary.append(f"{key}: {cfg} -> registers {row['registers']}, shared {row['shared_bytes']}, occupancy "
-                       f"{row['occupancy']}, tensor cores {row['tensor_cores']}")
-    missing = {(k, dt, d, a) for k in args.kernels.split(",") for dt in ("bfloat16", "float32")
-               for d in ([128] if k == "swiglu_matmul" else [int(x) for x in args.dims.split(",")])
-               for a in compiled.ARCHS} - set(best)
-    summary.append(f"classes without a qualifying candidate: {sorted(missing) or 'none'}")
+    kernels, dims = args.kernels.split(","), [int(x) for x in args.dims.split(",")]
+    summary = [f"{len(rows)} candidates compiled in {time.perf_counter() - start:.0f} s; the chosen per class:",
+               *summarize(rows, choose(rows), kernels, dims)]
     for line in summary:
         print(line)
     record(args.name, rows, summary, Path(RESULTS))

@@ -72,12 +72,15 @@ def load_causal_lm(folder, dtype=torch.float32, device: str = "cpu"):
     return model.to(device).eval(), tokenizer
 
 
-def load_pruned(folder, dtype: str = "float32", device: str = "cpu"):
+def load_pruned(folder, dtype: str = "float32", device: str | None = "cpu"):
     """(model, tokenizer or None, report or None) of a folder that `amp prune` wrote; plain transformers loads a
-    uniform result too, and a per-layer one after `import amp`."""
+    uniform result too, and a per-layer one after `import amp`. `device` None: where transformers put it (the meta
+    device on the ranks that FSDP loading leaves empty)."""
     from transformers import AutoTokenizer
     folder = Path(folder)
     model = _model(folder, dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) \
         if (folder / "tokenizer_config.json").is_file() else None
-    return model.to(device).eval(), tokenizer, read_report(folder)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer, read_report(folder)

@@ -25,6 +25,8 @@ class RecoverConfig:
     checkpoint_every: int = 50       # steps between checkpoints (0: never)
     seed: int = 0
     device: str = "cpu"
+    strategy: str = "auto"           # auto | single | ddp | fsdp (distributed.py); auto follows the launcher
+    shard_teacher: bool = True       # under FSDP: shard the teacher like the student (else a whole copy per rank)
 
     def __post_init__(self):
         given = [k for k in ("steps", "epochs", "tokens") if getattr(self, k) is not None]
@@ -36,11 +38,15 @@ class RecoverConfig:
                 raise AmpError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.epochs is not None and not self.epochs > 0:
             raise AmpError(f"--epochs must be positive, got {self.epochs}")
+        if not 0 <= self.lora_dropout < 1:
+            raise AmpError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
         if not self.lr > 0:
             raise AmpError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.kd_weight <= 1:
             raise AmpError(f"--kd-weight must lie in [0, 1], got {self.kd_weight}")
         if not self.temperature > 0:
             raise AmpError(f"--temperature must be positive, got {self.temperature}")
+        if self.strategy not in ("auto", "single", "ddp", "fsdp"):
+            raise AmpError(f"unknown --strategy {self.strategy!r} (choose from auto, single, ddp, fsdp)")
         if self.checkpoint_every < 0:
             raise AmpError(f"--checkpoint-every must be 0 or more, got {self.checkpoint_every}")

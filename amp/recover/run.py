@@ -2,6 +2,7 @@
 saved in the input's own dtype and format, with the prune report extended by the run's figures and a loss curve."""
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -15,6 +16,7 @@ from ..io.loading import load_pruned
 from .checkpoints import checkpoint_path
 from .config import RecoverConfig
 from .data import tokenize, training_texts
+from .distributed import Processes, start
 from .train import check_teacher, mean_of, recover_model
 
 
@@ -41,9 +43,10 @@ def plot_loss(history: list, path: Path, title: str) -> None:
 # ---------------------------------------------------------------- folder to folder
 def recover_checkpoint(pruned_dir, out, config: RecoverConfig, teacher: str | None = None, *, data_dir=None,
                        overwrite: bool = False, resume: bool = False, progress: bool = True,
-                       dtype: str = "auto") -> dict:
+                       dtype: str = "auto", processes: Processes | None = None) -> dict:
     """`amp recover`: LoRA (and distillation) on the model in `pruned_dir`, merged and written to `out` in the
-    input's own dtype and format, with the prune report extended by the run's figures and a loss curve."""
+    input's own dtype and format, with the prune report extended by the run's figures and a loss curve.
+    In one process or under a launcher (distributed.py); rank 0 writes, every rank returns the report."""
     folder = Path(pruned_dir)
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise AmpError(f"{pruned_dir} is not a model folder (no config.json and safetensors weights)")
@@ -56,32 +59,41 @@ def recover_checkpoint(pruned_dir, out, config: RecoverConfig, teacher: str | No
     saved_config = json.loads((folder / "config.json").read_text())
     stored = saved_config.get("dtype") or saved_config.get("torch_dtype") or "float32"
     train_dtype = dtype if dtype != "auto" else ("bfloat16" if config.device == "cuda" else "float32")
-    model, tokenizer, report = load_pruned(folder, train_dtype, "cpu")
+    processes = processes or start(config.strategy, config.device, train_dtype == "bfloat16")
+    # under FSDP only local rank 0 reads the weights; the others build the model on the meta device
+    model, tokenizer, report = load_pruned(folder, train_dtype, None)
     if tokenizer is None:
         raise AmpError(f"{pruned_dir} has no tokenizer; recovery tokenizes its data with the model's own")
     teacher_model = None
     if teacher is not None:
-        teacher_model, teacher_tok, _ = models.load_model(teacher, train_dtype)
+        whole = processes.full_load() if not config.shard_teacher else contextlib.nullcontext()
+        with whole:
+            teacher_model, teacher_tok, _ = models.load_model(teacher, train_dtype)
         check_teacher(model, teacher_model, tokenizer, teacher_tok)
     if config.max_records:
         texts = random.Random(config.seed).sample(texts, min(config.max_records, len(texts)))
     samples = tokenize(texts, tokenizer, config.seqlen)
     checkpoint = checkpoint_path(out)
     result = recover_model(model, tokenizer, config, teacher_model, progress=progress, checkpoint=checkpoint,
-                           resume=resume, samples=samples)
+                           resume=resume, samples=samples, processes=processes,
+                           reload_base=lambda: load_pruned(folder, train_dtype, "cpu")[0])
     merged, history = result.pop("model"), result.pop("history")
-    merged.to("cpu", getattr(torch, stored) if isinstance(stored, str) and hasattr(torch, stored) else torch.float32)
     report = dict(report or {})
     report["recovery"] = {**result, "data": config.data, "teacher": teacher, "device": config.device,
                           "train_dtype": train_dtype, "saved_dtype": stored, "lora_alpha": config.lora_alpha,
                           "lora_dropout": config.lora_dropout, "warmup": config.warmup, "seed": config.seed,
                           "input": str(folder), "resumed": resume}
-    with folders.staged_folder(out, overwrite) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "recovery_log.json").write_text(json.dumps(history))
-        plot_loss(history, tmp / "recovery_loss.png",
-                  f"recovery of {folder.name}: {result['steps']} steps, {result['tokens']:,} tokens")
-        (tmp / folders.REPORT_NAME).write_text(json.dumps(report, indent=2))
-    shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    if processes.is_main:
+        merged.to("cpu", getattr(torch, stored) if isinstance(stored, str) and hasattr(torch, stored)
+                  else torch.float32)
+        with folders.staged_folder(out, overwrite) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "recovery_log.json").write_text(json.dumps(history))
+            plot_loss(history, tmp / "recovery_loss.png",
+                      f"recovery of {folder.name}: {result['steps']} steps, {result['tokens']:,} tokens"
+                      + (f", {processes.world} processes ({processes.strategy})" if processes.world > 1 else ""))
+            (tmp / folders.REPORT_NAME).write_text(json.dumps(report, indent=2))
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    processes.barrier()
     return report

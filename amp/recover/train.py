@@ -6,7 +6,8 @@ loss is (1 - w) * LM + w * T^2 * KL(teacher_T || student_T) on the logits (Minit
 
 The training loop is written here rather than through transformers' Trainer: the distillation loss, a token
 budget, bit-exact resume (optimizer, schedule, data position and RNG in one checkpoint file) and the report's
-figures are a few lines each, and Trainer would add its own checkpoint layout and logging on top.
+figures are a few lines each, and Trainer would add its own checkpoint layout and logging on top. accelerate runs
+under it (distributed.py): one process, DDP or FSDP, with the same global batches whatever the process count.
 The adapters are merged into the weights at the end (peft's merge_and_unload), so the result is a plain model
 (or a per-layer one, exactly as its input) that loads without peft. Folder to folder: run.py.
 """
@@ -27,20 +28,26 @@ from ..common.profiling import PhaseTimer
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import RecoverConfig
 from .data import epoch_batches, tokenize, training_texts
+from .distributed import Processes, start, trainable_state
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over the valid positions."""
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+    """Next-token cross entropy summed over the valid positions, divided by `tokens` (default: their count, the
+    mean). With several processes `tokens` is the global batch's count, so the ranks' terms add up to its mean."""
     valid = mask[:, 1:].bool()
-    return F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid])
+    total = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid], reduction="sum")
+    return total / (int(valid.sum()) if tokens is None else tokens)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher_T || student_T), averaged over the valid positions that predict a next token."""
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float,
+            tokens: int | None = None) -> torch.Tensor:
+    """T^2 * KL(teacher_T || student_T), summed over the valid positions that predict a next token and divided by
+    `tokens` (default: their count), as lm_loss."""
     valid = mask[:, 1:].bool()
     s = F.log_softmax(student[:, :-1][valid].float() / temperature, dim=-1)
     t = F.log_softmax(teacher[:, :-1][valid].float() / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+    total = F.kl_div(s, t, log_target=True, reduction="sum")
+    return total / (int(valid.sum()) if tokens is None else tokens) * temperature ** 2
 
 
 def lora_targets(model) -> str:
@@ -83,14 +90,16 @@ def _total_steps(config: RecoverConfig, samples, batches_per_epoch: int) -> int:
 
 def recover_model(model, tokenizer, config: RecoverConfig, teacher=None, data_dir=None, progress: bool = True,
                   checkpoint: Path | None = None, resume: bool = False, samples: list[torch.Tensor] | None = None,
-                  stop_after: int | None = None):
-    """Fine-tunes `model` in place with LoRA and merges the adapters; returns the run's figures.
+                  stop_after: int | None = None, processes: Processes | None = None, reload_base=None):
+    """Fine-tunes `model` with LoRA and merges the adapters; returns the run's figures, with the merged model
+    under "model" on rank 0 (None on the other ranks).
     `checkpoint`: a file written every config.checkpoint_every steps; `resume`: start from it.
     `samples`: token tensors instead of config.data; `stop_after`: stop (unmerged, as an interruption would)
-    after this many steps, for tests of resume."""
+    after this many steps, for tests of resume. `processes`: the run's distributed.start() (default: started here
+    from config.strategy); `reload_base`: under FSDP, a function returning the unsharded base model on the CPU
+    (rank 0 merges the gathered adapters into it)."""
     from peft import LoraConfig, get_peft_model
 
-    device = torch.device(config.device)
     if samples is None:
         texts = training_texts(config.data, data_dir)
         if config.max_records:
@@ -99,75 +108,88 @@ def recover_model(model, tokenizer, config: RecoverConfig, teacher=None, data_di
         samples = tokenize(texts, tokenizer, config.seqlen)
     if not samples:
         raise AmpError(f"recovery data {config.data}: no record holds two or more tokens")
+    processes = processes or start(config.strategy, config.device, _is_bf16(model))
+    if processes.strategy == "fsdp" and reload_base is None:
+        raise AmpError("recovery under FSDP merges on rank 0 into a freshly loaded base model: pass reload_base "
+                       "(amp recover does)")
+    acc, main = processes.accelerator, processes.is_main
     pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else
               (getattr(model.config, "pad_token_id", None) or 0))
     torch.manual_seed(config.seed)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=lora_targets(model), bias="none", task_type="CAUSAL_LM")
-    model.to(device)
     peft_model = get_peft_model(model, lora)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=0.0)
     per_epoch = len(epoch_batches(samples, config.batch_size, config.seed, 0, pad_id))
     total = _total_steps(config, samples, per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, config.warmup))
-    step, history, tokens = 0, [], 0
+    processes.wrap_layers(peft_model, teacher)
+    peft_model, optimizer = acc.prepare(peft_model, optimizer)
+    units = processes.shard_units(peft_model)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    step, history, tokens, resumed_from = 0, [], 0, None
     if resume:
-        step, history, tokens = load_checkpoint(checkpoint, peft_model, optimizer, scheduler, config)
+        step, history, tokens, resumed_from = load_checkpoint(checkpoint, processes, peft_model, optimizer,
+                                                              scheduler, config)
     if teacher is not None:
-        teacher.to(device).eval()
-    timer = PhaseTimer(config.device)
-    start = time.perf_counter()
+        teacher.requires_grad_(False)
+        if processes.strategy == "fsdp" and config.shard_teacher:
+            teacher = processes.shard(teacher)
+        else:
+            teacher.to(processes.device)
+        teacher.eval()
+    timer = PhaseTimer(processes.device.type)
+    start_time = time.perf_counter()
     peft_model.train()
-    bar = tqdm(total=total, initial=step, desc="recovering", unit="step", disable=not progress)
+    bar = tqdm(total=total, initial=step, desc="recovering", unit="step", disable=not progress or not main)
     batches: dict[int, list] = {}
     with timer.phase("train"):
         while step < total and (stop_after is None or step < stop_after):
             epoch, position = divmod(step, per_epoch)
             if epoch not in batches:
                 batches = {epoch: epoch_batches(samples, config.batch_size, config.seed, epoch, pad_id)}
-            ids, mask = batches[epoch][position]
-            ids, mask = ids.to(device), mask.to(device)
+            global_ids, global_mask = batches[epoch][position]
+            n_tokens = int(global_mask[:, 1:].sum())           # positions that predict a token, all ranks
+            ids, mask = (t.to(processes.device) for t in processes.rows(global_ids, global_mask))
             logits = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            lm = lm_loss(logits, ids, mask)
+            lm = lm_loss(logits, ids, mask, n_tokens)
             loss, kd = lm, None
             if teacher is not None and config.kd_weight > 0:
                 with torch.no_grad():
                     t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                kd = kd_loss(logits, t_logits, mask, config.temperature)
+                kd = kd_loss(logits, t_logits, mask, config.temperature, n_tokens)
                 loss = (1 - config.kd_weight) * lm + config.kd_weight * kd
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            # DDP and FSDP average gradients over the ranks; each rank's loss is its share of the global mean
+            acc.backward(loss * processes.world)
+            acc.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
             step += 1
-            tokens += int(mask.sum())
-            history.append({"step": step, "loss": float(loss.detach()), "lm": float(lm.detach()),
-                            **({"kd": float(kd.detach())} if kd is not None else {}), "lr": scheduler.get_last_lr()[0]})
+            tokens += int(global_mask.sum())
+            loss_v, lm_v, kd_v = processes.sum([float(loss.detach()), float(lm.detach()),
+                                                float(kd.detach()) if kd is not None else 0.0])
+            history.append({"step": step, "loss": loss_v, "lm": lm_v, **({"kd": kd_v} if kd is not None else {}),
+                            "lr": scheduler.get_last_lr()[0]})
             bar.update(1)
             bar.set_postfix(loss=f"{_running(history):.3f}")
             if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-                save_checkpoint(checkpoint, peft_model, optimizer, scheduler, step, history, config, tokens)
+                save_checkpoint(checkpoint, processes, peft_model, optimizer, scheduler, step, history, config,
+                                tokens)
     bar.close()
     if step < total:  # stopped early (a test's interruption): leave the adapters unmerged
         return {"steps": step, "stopped": True, "peft_model": peft_model}
-    peft_model.eval()
-    probe_ids, probe_mask = (t.to(device) for t in epoch_batches(samples, config.batch_size, config.seed, 0,
-                                                                 pad_id)[0])
-    with torch.no_grad():
-        before = peft_model(input_ids=probe_ids, attention_mask=probe_mask, use_cache=False).logits.float()
-    merged = peft_model.merge_and_unload()
-    merged.eval()
-    with torch.no_grad():  # the merge is checked, not assumed: the saved model must be the trained one
-        after = merged(input_ids=probe_ids, attention_mask=probe_mask, use_cache=False).logits.float()
-    valid = probe_mask.bool()
-    merge_diff = float((after - before)[valid].abs().max())
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start_time
     phase = timer.report()["train"]
+    ranks = processes.gather({"rank": processes.rank, "peak_rss_mb": phase.get("peak_rss_mb"),
+                              "peak_cuda_mb": phase.get("peak_cuda_mb")})
+    probe = _probe(epoch_batches(samples, config.batch_size, config.seed, 0, pad_id)[0])
+    merged, merge_diff = _merge(processes, peft_model, lora, probe, reload_base)
+    processes.barrier()
     return {"steps": step, "total_steps": total, "epochs": round(step / per_epoch, 3), "tokens": tokens,
             "records": len(samples), "batch_size": config.batch_size, "seqlen": config.seqlen,
-            "lora_r": config.lora_r, "lr": config.lr, "trainable_params": sum(p.numel() for p in trainable),
+            "lora_r": config.lora_r, "lr": config.lr, "trainable_params": sum(p.numel() for p in trainable),  # a DTensor counts whole
             "teacher": teacher is not None, "kd_weight": config.kd_weight if teacher is not None else 0.0,
             "temperature": config.temperature,
             "loss_first": mean_of([h["loss"] for h in history[:10]]),
@@ -176,7 +198,55 @@ def recover_model(model, tokenizer, config: RecoverConfig, teacher=None, data_di
             "merge_max_abs_diff": merge_diff,
             "seconds": round(seconds, 1), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
             "peak_rss_mb": phase.get("peak_rss_mb"), "peak_cuda_mb": phase.get("peak_cuda_mb"),
+            "world_size": processes.world, "strategy": processes.strategy, "fsdp_units": units,
+            "teacher_fsdp_units": processes.shard_units(teacher) if teacher is not None else None,
+            "teacher_placement": None if teacher is None else
+            ("sharded" if processes.strategy == "fsdp" and config.shard_teacher else "each rank"),
+            "ranks": ranks, "resumed_from_world_size": resumed_from,
+            **({"note": f"resumed from a checkpoint of {resumed_from} processes with {processes.world}: the same "
+                        "global batches from the same step, but not bit-exact (sums over ranks in another order, "
+                        "LoRA dropout drawn per rank)"} if resumed_from not in (None, processes.world) else {}),
             "history": history, "model": merged}
+
+
+def _is_bf16(model) -> bool:
+    return next(model.parameters()).dtype == torch.bfloat16
+
+
+def _probe(batch, rows: int = 2, length: int = 64):
+    """A few rows of the first batch, cut short: what the merge check runs (on rank 0, on the CPU under FSDP)."""
+    ids, mask = batch
+    return ids[:rows, :length], mask[:rows, :length]
+
+
+@torch.no_grad()
+def _merge(processes: Processes, peft_model, lora, probe, reload_base):
+    """(merged model on rank 0 or None, largest logit difference between the adapted and the merged model on the
+    probe). Single and DDP merge the trained model in place; FSDP gathers the adapters to rank 0 and merges them
+    into the base model reloaded there (its weights are frozen, so the copy on disk is the trained base)."""
+    from peft import get_peft_model
+    if processes.strategy == "fsdp":
+        adapters, _ = trainable_state(processes, peft_model)
+        if not processes.is_main:
+            return None, None
+        model = get_peft_model(reload_base(), lora)
+        missing = [k for k in adapters if k not in model.state_dict()]
+        if missing:
+            raise AmpError(f"the gathered adapters do not fit the reloaded base model (e.g. {missing[0]})")
+        model.load_state_dict(adapters, strict=False)
+        device = torch.device("cpu")
+    else:
+        if not processes.is_main:
+            return None, None
+        model = processes.accelerator.unwrap_model(peft_model)
+        device = processes.device
+    model.eval()
+    ids, mask = (t.to(device) for t in probe)
+    before = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    merged = model.merge_and_unload()
+    merged.eval()
+    after = merged(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    return merged, float((after - before)[mask.bool()].abs().max())
 
 
 def _running(history: list, n: int = 20) -> float:
