@@ -3,8 +3,11 @@ printing, no logic of its own (every command calls the API below it; AmpError be
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
+import tempfile
 
 from .api import prune_checkpoint
 from .export import FORMATS, export_checkpoint
@@ -106,7 +109,30 @@ def _eval_parser(sub):
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--accelerate", action="store_true", help="evaluate through the fused attention and MLP")
+    p.add_argument("--backend", default="transformers", choices=("transformers", "vllm"),
+                   help="in process (transformers), or lm-eval's vLLM backend on the model (a per-layer result "
+                        "is exported to DeciLM first)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM backend: GPUs per model copy")
+    p.add_argument("--data-parallel-size", type=int, default=1, help="vLLM backend: model copies")
+    p.add_argument("--vllm-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="vLLM backend: the dtype it computes in (auto: the checkpoint's)")
+    p.add_argument("--vllm-python", default=None,
+                   help="vLLM backend: a Python with vLLM and lm-eval (default: $AMP_VLLM_PYTHON, this one, or "
+                        "the environment serve_check --install makes)")
     p.add_argument("--quiet", action="store_true")
+
+
+def _servable(folder: str, backend: str, stack: contextlib.ExitStack, quiet: bool) -> str:
+    """The folder vLLM will load: a per-layer result is exported to DeciLM in a temporary folder first."""
+    from pathlib import Path
+    config = Path(folder) / "config.json"
+    if backend != "vllm" or not config.is_file() or "amp_per_layer" not in json.loads(config.read_text()):
+        return folder
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="amp-eval-"))) / "decilm"
+    report = export_checkpoint(folder, "decilm", tmp, progress=not quiet)
+    print(f"note: {folder} is a per-layer result; vLLM evaluates its DeciLM export ({report['zero_query_heads']} "
+          f"zero query heads padded in, {report['padding_share']:.2%} parameters)")
+    return str(tmp)
 
 
 def cmd_eval(args) -> int:
@@ -116,11 +142,15 @@ def cmd_eval(args) -> int:
             raise AmpError("--device cuda was asked for, but this machine has no CUDA device")
     tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
     ppl = None if args.ppl is None else [] if args.ppl in ("none", "") else args.ppl.split(",")
+    vllm = dict(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                dtype=args.vllm_dtype, vllm_python=args.vllm_python)
     kwargs = dict(tasks=tasks, ppl=ppl, seqlen=args.seqlen, data_dir=args.data_dir, limit=args.limit,
                   batch_size=args.batch_size, device=args.device, max_windows=args.max_windows,
-                  progress=not args.quiet, accelerate=args.accelerate)
-    result = evaluate(args.model_dir, **kwargs)
-    baseline = evaluate(args.baseline, **{**kwargs, "tasks": list(result["tasks"])}) if args.baseline else None
+                  progress=not args.quiet, accelerate=args.accelerate, backend=args.backend, vllm=vllm)
+    with contextlib.ExitStack() as stack:
+        result = evaluate(_servable(args.model_dir, args.backend, stack, args.quiet), **kwargs)
+        baseline = evaluate(_servable(args.baseline, args.backend, stack, args.quiet),
+                            **{**kwargs, "tasks": list(result["tasks"])}) if args.baseline else None
     if baseline:
         result["baseline"] = baseline
     print(markdown(result, baseline))

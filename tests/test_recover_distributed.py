@@ -152,3 +152,27 @@ def test_strategy_needs_a_launcher(tmp_path, capsys):
                  "--strategy", "fsdp"]) == 2
     assert "needs several processes" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_documented_accelerate_config_runs_fsdp(runs):
+    """docs/accelerate/fsdp_8gpu.yaml as a user launches it (two processes instead of eight): --strategy auto
+    takes FSDP from accelerate's config."""
+    tmp, pruned, data, _, _ = runs
+    out = tmp / "from_config"
+    config = Path(__file__).resolve().parents[1] / "docs" / "accelerate" / "fsdp_8gpu.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
+                           "--num_processes", "2", "-m", "amp.cli", "recover", str(pruned), "--out", str(out),
+                           "--data", str(data), "--steps", "3", "--batch-size", "4", "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "amp_report.json").read_text())["recovery"]
+    assert report["strategy"] == "fsdp" and report["world_size"] == 2 and report["fsdp_units"] >= 3
+
+
+def test_deepspeed_is_refused_with_the_reason(monkeypatch):
+    from amp import AmpError
+    from amp.recover.distributed import resolve_strategy
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(AmpError, match="DeepSpeed is not supported.*use FSDP"):
+        resolve_strategy("auto", 2)

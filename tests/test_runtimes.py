@@ -16,3 +16,44 @@ def test_exports_run_in_the_serving_engine(runtime):
     rc = serve_check.main(["--tiny", "--runtimes", runtime, "--modes", "uniform/group,depth/query",
                            "--bench-tokens", "8", "--no-record"])
     assert rc == 0
+
+
+@pytest.mark.runtime
+def test_eval_on_vllm_matches_the_transformers_backend(tmp_path):
+    """`amp eval --backend vllm` (lm-eval's own vLLM backend, vLLM's prompt log-probabilities for perplexity) on
+    the same rows and windows as the in-process backend: per-row outcomes equal (a row may flip only where two
+    choices' log-likelihoods tie within fp32 summation order: at most one per task here), perplexity within 1e-4
+    relative. A per-layer result is exported to DeciLM on the way (a note says so)."""
+    import json
+
+    import amp
+    from amp.cli import main
+    from conftest import random_calibration
+    python = serve_check.venv_python("vllm")
+    assert python.is_file(), "vLLM is not installed: python -m benchmarks.serve_check --install --runtimes vllm"
+    dense = tmp_path / "dense"
+    serve_check.tiny_llama().save_pretrained(dense)
+    serve_check.tiny_tokenizer_with_merges().save_pretrained(dense)
+    model = amp.load_model(str(dense), "float32")[0]
+    amp.prune_(model, amp.PruneConfig(ratio=0.2, allocation="depth", heads="query", calib="wikitext2", nsamples=4,
+                                      seqlen=32), random_calibration(n=8), progress=False)
+    pruned = tmp_path / "pruned"
+    model.save_pretrained(pruned)
+    serve_check.tiny_tokenizer_with_merges().save_pretrained(pruned)
+    common = ["--tasks", "piqa,arc_easy", "--limit", "30", "--ppl", "wikitext2", "--seqlen", "128",
+              "--max-windows", "3", "--quiet"]
+    results = {}
+    for backend in ("transformers", "vllm"):
+        out = tmp_path / f"{backend}.json"
+        extra = ["--backend", "vllm", "--vllm-python", str(python), "--vllm-dtype", "float32"] \
+            if backend == "vllm" else []
+        assert main(["eval", str(pruned), *common, *extra, "--json", str(out)]) == 0
+        results[backend] = json.loads(out.read_text())
+    hf, vl = results["transformers"], results["vllm"]
+    assert vl["backend"]["name"] == "vllm" and "decilm" in vl["model"]
+    for task in ("piqa", "arc_easy"):
+        a, b = hf["tasks"][task]["rows"]["acc"], vl["tasks"][task]["rows"]["acc"]
+        assert len(a) == len(b) == 30
+        assert sum(x != y for x, y in zip(a, b)) <= 1, (task, a, b)
+    (key,) = hf["perplexity"]
+    assert abs(vl["perplexity"][key] / hf["perplexity"][key] - 1) < 1e-4

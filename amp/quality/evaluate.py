@@ -1,5 +1,6 @@
 """`amp eval`: perplexity (perplexity.py) and zero-shot accuracy through lm-eval (zeroshot.py) of one model folder,
-as the JSON that `amp eval --json` writes, with the averages pruning papers report."""
+as the JSON that `amp eval --json` writes, with the averages pruning papers report; in process through
+transformers, or through vLLM (on_vllm.py)."""
 from __future__ import annotations
 
 import time
@@ -10,15 +11,21 @@ from ..io.calibration import default_data_dir
 from ..io.loading import load_causal_lm
 from ..runtime.fused import accelerate_
 from . import zeroshot
+from .on_vllm import evaluate_on_vllm
 from .perplexity import CORPORA, DEFAULT_MAX_WINDOWS, corpus_text, perplexity, tokenize_text
 
 
 def evaluate(model_dir, tasks: list[str] | None = None, ppl: list[str] | tuple | None = None,
              seqlen: int = 2048, data_dir=None, limit: int | None = None, batch_size: int = 8,
              device: str = "cpu", max_windows: int | None = None, progress: bool = True,
-             accelerate: bool = False) -> dict:
+             accelerate: bool = False, backend: str = "transformers", vllm: dict | None = None) -> dict:
     """Perplexity and zero-shot accuracy of one model folder, as the JSON that `amp eval --json` writes;
-    `accelerate`: through the fused attention and MLP (amp.accelerate_)."""
+    `accelerate`: through the fused attention and MLP (amp.accelerate_). `backend` "vllm": the same through vLLM
+    (on_vllm.py; `vllm`: its options, tensor_parallel_size, data_parallel_size, dtype, vllm_python)."""
+    if backend not in ("transformers", "vllm"):
+        raise AmpError(f"unknown --backend {backend!r} (choose transformers or vllm)")
+    if backend == "vllm" and accelerate:
+        raise AmpError("--accelerate runs amp's fused layers in transformers; vLLM runs its own kernels")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     if data_dir is None:
         raise AmpError("no data folder: pass --data-dir (holding text/ and tasks/) or set AMP_DATA_DIR")
@@ -39,6 +46,12 @@ def evaluate(model_dir, tasks: list[str] | None = None, ppl: list[str] | tuple |
         ppl = [name for name in CORPORA if (data_dir / CORPORA[name]).is_file()]
         skipped_corpora = {name: f"{data_dir / CORPORA[name]} not present" for name in CORPORA if name not in ppl}
     texts = {name: corpus_text(name, data_dir) for name in ppl}   # check every input before the long work
+    if backend == "vllm":
+        result = evaluate_on_vllm(model_dir, tasks, texts, seqlen, data_dir, limit, max_windows, progress=progress,
+                                  **(vllm or {}))
+        result["skipped_tasks"], result["skipped_corpora"], result["accelerated"] = skipped, skipped_corpora, False
+        result["averages"] = averages(result)
+        return result
     model, tokenizer = load_causal_lm(model_dir, device=device)
     if accelerate:
         accelerate_(model)

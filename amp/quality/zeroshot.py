@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..common.errors import AmpError
 from ..io.calibration import read_jsonl
+from .vllm_worker import row_outcomes, summarize, task_config  # noqa: F401 - row_outcomes is part of this API
 
 
 @dataclass(frozen=True)
@@ -55,23 +56,6 @@ def check_task_file(task: str, data_dir: Path) -> int:
     return len(rows)
 
 
-def _task_config(task_manager, task: str, data_dir: Path) -> dict:
-    """lm-eval's own config for the task, with its data source replaced by the local file."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-    entry = task_manager._entry(task)  # noqa: SLF001 - the registry lookup lm-eval itself uses
-    if entry is None or entry.yaml_path is None:
-        raise AmpError(f"lm-eval does not define the task {task}")
-    split = TASKS[task].split
-    config = load_yaml(entry.yaml_path, resolve_func=True)
-    for key in ("tag", "group"):
-        config.pop(key, None)
-    config.update(task=task, dataset_path="json", dataset_name=None,
-                  dataset_kwargs={"data_files": {split: str(task_path(task, data_dir))}},
-                  training_split=None, validation_split=split if split == "validation" else None,
-                  test_split=split if split == "test" else None, fewshot_split=None)
-    return config
-
-
 def run_zero_shot(model, tokenizer, tasks: list[str], data_dir: Path, limit: int | None = None,
                   batch_size: int = 8, device: str = "cpu") -> dict:
     """{task: {"acc", "acc_norm" (None where undefined), "n", "rows"}} as fractions; "rows" holds, per metric,
@@ -92,19 +76,17 @@ def run_zero_shot(model, tokenizer, tasks: list[str], data_dir: Path, limit: int
         raise AmpError("zero-shot evaluation needs lm-eval: pip install lm-eval") from None
     manager = TaskManager(verbosity="ERROR")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    out = simple_evaluate(model=lm, tasks=[_task_config(manager, t, data_dir) for t in tasks], limit=limit,
-                          task_manager=manager, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
-    results = {}
+    configs = []
     for t in tasks:
-        r = out["results"][t]
-        n = out.get("n-samples", {}).get(t, {}).get("effective")
-        results[t] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"), "n": n,
-                      "rows": row_outcomes(out.get("samples", {}).get(t, []))}
-    return results
+        try:
+            configs.append(task_config(manager, t, TASKS[t].split, str(task_path(t, data_dir))))
+        except ValueError as e:
+            raise AmpError(str(e)) from None
+    out = simple_evaluate(model=lm, tasks=configs, limit=limit, task_manager=manager, log_samples=True,
+                          bootstrap_iters=0, verbosity="ERROR")
+    return summarize(out, tasks)
 
 
-def row_outcomes(samples: list[dict]) -> dict[str, str]:
-    """{metric: "0110..."} over lm-eval's logged samples, ordered by row (doc_id)."""
-    ordered = sorted(samples, key=lambda s: s["doc_id"])
-    return {m: "".join("1" if s[m] else "0" for s in ordered)
-            for m in ("acc", "acc_norm") if ordered and all(m in s for s in ordered)}
+def task_files(tasks: list[str], data_dir: Path) -> list[tuple[str, str, str]]:
+    """(task, split, file) per task: what a worker in another environment needs to build the same configs."""
+    return [(t, TASKS[t].split, str(task_path(t, data_dir))) for t in tasks]
