@@ -230,6 +230,14 @@ def _summary(rows):
         if "matmul" in g:
             line += f"; {g['matmul']['ms'] / ours['ms']:.2f}x the throughput of the same-size matmul"
         lines.append(line)
+        if op == "decode":  # arithmetic, the same on any machine: what each kernel reads from the cache per step
+            from amp_kernels.triton_gqa_decode import decode_bytes
+            _, hq, hkv, d, _ = MODELS[model]
+            b = decode_bytes(1, hq, hkv, 1, tokens, d, 2)
+            lines.append(f"decode {model} {tokens} tokens, bf16 cache bytes per step: minimum (the cache once) "
+                         f"{b['minimum'] / 1e6:.1f} MB; grouped decode kernel {b['grouped'] / 1e6:.1f} MB "
+                         f"({b['grouped'] / b['minimum']:.0f}x the minimum); per-query-head kernel "
+                         f"{b['per_query_head'] / 1e6:.1f} MB ({b['per_query_head'] / b['minimum']:.0f}x)")
     return lines
 
 
