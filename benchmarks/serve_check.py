@@ -99,7 +99,10 @@ from llama_cpp import Llama
 job = json.loads(sys.argv[1])
 out = {}
 for label, path in job["models"].items():
-    llm = Llama(model_path=path, n_ctx=job["n_ctx"], logits_all=True, verbose=False, n_threads=job["threads"])
+    # type_k / type_v 0 = GGML_TYPE_F32: llama.cpp's default f16 KV cache moves SmolLM2's prompt log-probabilities
+    # by up to 5e-3 (dense and pruned alike); an fp32 comparison needs an fp32 cache
+    llm = Llama(model_path=path, n_ctx=job["n_ctx"], logits_all=True, verbose=False, n_threads=job["threads"],
+                type_k=0, type_v=0)
     rows = []
     for ids in job["prompt_ids"]:
         llm.reset()

@@ -84,8 +84,15 @@ def test_decilm_export_is_exact(family, mode, tmp_path):
         torch.testing.assert_close(loaded(_ids()).logits, pruned(_ids()).logits, rtol=1e-5, atol=1e-5)
     padded = sum(p.numel() for p in loaded.parameters()) - sum(p.numel() for p in pruned.parameters())
     assert report["params_added_by_padding"] == padded >= 0
+    # attention FLOPs and KV cache of the export over the pruned model's, counted from the models themselves
+    kept_q = sum(a.q_proj.out_features for a in (l.self_attn for l in pruned.model.layers))
+    kept_kv = sum(a.k_proj.out_features for a in (l.self_attn for l in pruned.model.layers))
+    written_q = sum(a.q_proj.out_features for a in (l.self_attn for l in loaded.model.layers))
+    written_kv = sum(a.k_proj.out_features for a in (l.self_attn for l in loaded.model.layers))
+    assert report["attention_flops_ratio"] == pytest.approx(written_q / kept_q, abs=1e-4)
+    assert report["kv_cache_ratio"] == pytest.approx(written_kv / kept_kv, abs=1e-4)
     if mode == "uniform":
-        assert padded == 0 and report["zero_query_heads"] == 0
+        assert padded == 0 and report["zero_query_heads"] == 0 and report["attention_flops_ratio"] == 1
     # the shipped configuration class reads the block configs as the loaders do (attribute access)
     import importlib.util
     spec = importlib.util.spec_from_file_location("configuration_decilm", out / "configuration_decilm.py")

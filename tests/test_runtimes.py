@@ -32,7 +32,9 @@ def test_eval_on_vllm_matches_the_transformers_backend(tmp_path):
     python = serve_check.venv_python("vllm")
     assert python.is_file(), "vLLM is not installed: python -m benchmarks.serve_check --install --runtimes vllm"
     dense = tmp_path / "dense"
-    serve_check.tiny_llama().save_pretrained(dense)
+    tiny = serve_check.tiny_llama()
+    tiny.config.max_position_embeddings = 2048   # byte-level tokens: task prompts run to several hundred
+    tiny.save_pretrained(dense)
     serve_check.tiny_tokenizer_with_merges().save_pretrained(dense)
     model = amp.load_model(str(dense), "float32")[0]
     amp.prune_(model, amp.PruneConfig(ratio=0.2, allocation="depth", heads="query", calib="wikitext2", nsamples=4,

@@ -54,6 +54,9 @@ def _report(source: ExportSource, fmt: str, result: dict, seconds: float) -> dic
               "padding_share": round(added / max(params, 1), 5),
               "zero_query_heads": sum(e["zero_query_heads"] for e in layers),
               "added_kv_heads": sum(e["added_kv_heads"] for e in layers),
+              # whole model: attention FLOPs per token and KV cache of the export over the pruned model's
+              "attention_flops_ratio": _ratio(layers, "query_heads", "zero_query_heads"),
+              "kv_cache_ratio": _ratio(layers, "kv_heads", "added_kv_heads"),
               "layers": layers, "notes": list(result.get("notes", []))}
     if report["padding_share"] > MATERIAL:
         report["notes"].append(
@@ -62,6 +65,11 @@ def _report(source: ExportSource, fmt: str, result: dict, seconds: float) -> dic
             f"runtime computes for nothing; the output is unchanged (zero o_proj columns)")
     report.update({k: v for k, v in result.items() if k not in ("layers", "notes")})
     return report
+
+
+def _ratio(layers: list, written: str, padded: str) -> float:
+    total = sum(e[written] for e in layers)
+    return round(total / max(total - sum(e[padded] for e in layers), 1), 4)
 
 
 def _numel(shape) -> int:

