@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="amp-prune",
-    version="0.3.0",
+    version="0.4.0",
     description="AMP structured pruning (attention heads and MLP neurons) for decoder-only LLMs",
     packages=find_packages(include=["amp", "amp.*", "amp_kernels", "amp_kernels.*"]),
     package_data={"amp": ["resources/*.json", "resources/*.jsonl", "resources/*.py"]},

@@ -4,6 +4,7 @@ The public API, re-exported from the layers below (docs/architecture.md draws th
 from .api import prune_, prune_checkpoint
 from .arch import SUPPORTED
 from .common.errors import AmpError
+from .export import FORMATS as EXPORT_FORMATS, export_checkpoint
 from .io.calibration import Calibration, load_calibration
 from .io.loading import load_pruned
 from .io.models import load_model
@@ -17,7 +18,7 @@ from .runtime.fused import accelerate_
 
 __all__ = ["prune_", "prune_checkpoint", "load_pruned", "PruneConfig", "CRITERIA", "SUPPORTED",
            "Calibration", "load_calibration", "AmpError", "load_model", "evaluate", "accelerate_",
-           "RecoverConfig", "recover_model", "recover_checkpoint"]
-__version__ = "0.3.0"
+           "RecoverConfig", "recover_model", "recover_checkpoint", "export_checkpoint", "EXPORT_FORMATS"]
+__version__ = "0.4.0"
 
 _per_layer.install()  # per-layer checkpoints build through from_pretrained once amp is imported

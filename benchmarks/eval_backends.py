@@ -2,7 +2,7 @@
 the same rows of the same tasks and the same perplexity windows, fp32 in both.
 
     python -m benchmarks.eval_backends [--modes dense,depth/query] [--ratio 0.2] [--limit 200] [--ppl-windows 5]
-        [--name eval_backends]
+        [--work DIR] [--name eval_backends]
 
 Per model and task: accuracy with each backend, and how many rows' outcomes differ (a row may flip only where two
 choices' log-likelihoods tie within fp32 summation order); WikiText-2 perplexity with each. A per-layer result goes
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--ppl-windows", type=int, default=5)
+    p.add_argument("--work", default=None, help="reuse pruned models kept by serve_check --work DIR")
     p.add_argument("--name", default="eval_backends")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
@@ -41,7 +42,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
             folder = default_model_dir()
-            if mode != "dense":
+            if mode != "dense" and args.work and (Path(args.work) / mode.replace("/", "-")).is_dir():
+                folder = Path(args.work) / mode.replace("/", "-")      # serve_check --work's prune, reused
+            elif mode != "dense":
                 allocation, heads = mode.split("/")
                 folder = Path(tmp) / mode.replace("/", "-")
                 amp.prune_checkpoint(None, amp.PruneConfig(ratio=args.ratio, allocation=allocation, heads=heads),

