@@ -71,7 +71,10 @@ def evaluate_on_vllm(model_dir, tasks: list[str], texts: dict[str, str], seqlen:
     folder = Path(model_dir)
     check_servable(folder)
     python = find_python(vllm_python)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    config = json.loads((folder / "config.json").read_text())
+    # a DeciLM export's config class ships beside it (configuration_decilm.py); nothing else runs remote code
+    trust = config.get("model_type") == "nemotron-nas"
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
     windows = {}
     for name, text in texts.items():
         ids = tokenize_text(tokenizer, text)
@@ -81,9 +84,8 @@ def evaluate_on_vllm(model_dir, tasks: list[str], texts: dict[str, str], seqlen:
         if n == 0:
             raise AmpError(f"need at least {seqlen} tokens for one perplexity window, got {len(ids)}")
         windows[name] = ids[: n * seqlen].view(n, seqlen).tolist()
-    config = json.loads((folder / "config.json").read_text())
     limit_len = config.get("max_position_embeddings") or seqlen
-    job = {"model": str(folder), "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
+    job = {"model": str(folder), "dtype": dtype, "trust_remote_code": trust, "tensor_parallel_size": tensor_parallel_size,
            "data_parallel_size": data_parallel_size, "batch_size": batch_size, "limit": limit,
            "max_model_len": max(min(limit_len, 4096), min(seqlen + 1, limit_len)),
            "tasks": zeroshot.task_files(tasks, data_dir), "windows": windows}

@@ -91,7 +91,8 @@ def main() -> int:
     VLLM = _import_lm_eval_vllm()
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-    lm = VLLM(pretrained=job["model"], dtype=job["dtype"], trust_remote_code=True, max_model_len=job["max_model_len"],
+    lm = VLLM(pretrained=job["model"], dtype=job["dtype"], trust_remote_code=job["trust_remote_code"],
+              max_model_len=job["max_model_len"],
               tensor_parallel_size=job["tensor_parallel_size"], data_parallel_size=job["data_parallel_size"],
               batch_size=job["batch_size"], seed=0, **job.get("model_args", {}))
     result = {"tasks": {}, "perplexity": {}, "notes": []}
