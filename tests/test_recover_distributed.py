@@ -176,3 +176,18 @@ def test_deepspeed_is_refused_with_the_reason(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(AmpError, match="DeepSpeed is not supported.*use FSDP"):
         resolve_strategy("auto", 2)
+
+
+def test_prune_then_recover_under_a_launcher(runs):
+    """`amp prune --recover` under torchrun: rank 0 prunes while the other waits, then both recover (DDP)."""
+    from tiny_models import make_tiny, save_tiny
+    tmp, _, data, _, _ = runs
+    dense = save_tiny(make_tiny("llama_gqa"), tmp / "dense_for_prune")
+    out = tmp / "pruned_and_recovered"
+    proc = _launch(["prune", str(dense), "--ratio", "0.3", "--out", str(out), "--calib", str(data), "--nsamples",
+                    "8", "--recover", "--recover-steps", "3", "--recover-data", str(data), "--recover-batch-size",
+                    "4", "--strategy", "ddp", "--quiet"])
+    report = json.loads((out / "amp_report.json").read_text())
+    assert report["ratio_achieved"] > 0.25 and report["recovery"]["world_size"] == 2
+    assert report["recovery"]["strategy"] == "ddp" and report["recovery"]["steps"] == 3
+    assert proc.stdout.count("pruned ") == 1 and not checkpoint_path(out).parent.exists()
