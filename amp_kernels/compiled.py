@@ -134,6 +134,26 @@ def occupancy(arch: int, regs: int, shared: int, warps: int) -> float:
     return blocks * warps / lim["warps"]
 
 
+_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[a-z0-9]+)*)")
+_BITS = {"b8": 8, "u8": 8, "s8": 8, "b16": 16, "u16": 16, "s16": 16, "f16": 16, "bf16": 16, "b32": 32, "u32": 32,
+         "s32": 32, "f32": 32, "b64": 64, "u64": 64, "s64": 64, "f64": 64}
+
+
+def memory_ops(ptx: str) -> dict:
+    """The global loads and stores in a kernel's PTX by width: how many move 16 bytes per thread (ld/st.global.v4
+    of 32-bit words) and how many move less. Triton emits the wide form only where it can prove 16-byte
+    alignment, that is where every row stride of the tensor divides by 16 bytes: an odd kept width in bf16
+    (11,469 x 2 bytes) turns each wide access into eight 2-byte ones."""
+    out = {"loads_16B": 0, "loads_narrower": 0, "stores_16B": 0, "stores_narrower": 0}
+    for op, suffix in _ACCESS.findall(ptx):
+        parts = suffix.strip(".").split(".")
+        lanes = int(next((p[1:] for p in parts if p in ("v2", "v4", "v8")), "1"))
+        bits = next((_BITS[p] for p in parts if p in _BITS), 0)
+        wide = lanes * bits >= 128
+        out[f"{'loads' if op == 'ld' else 'stores'}_{'16B' if wide else 'narrower'}"] += 1
+    return out
+
+
 def resources(kernel, arch: int) -> dict:
     report = _ptxas_report(kernel.asm["ptx"], arch)
     regs = _number(r"Used (\d+) registers", report)

@@ -1,11 +1,18 @@
-"""What `--multiple-of N` changes in a pruned model's shapes and its CPU speed: SmolLM2 pruned at 20 % (uniform) with
-N = 1, 64 and 128, the kept widths per layer, the achieved ratio, and prefill / decode time against N = 1 measured
-in the same run (interleaved repeats). Its quality cost is measured by benchmarks.quality (recipes mult64, mult128).
+"""What `--multiple-of N` changes in a pruned model's shapes and speed, in two parts:
 
-    python -m benchmarks.bench_multiple_of [--multiples 1,64,128] [--ratio 0.2] [--repeats 5]
+- smollm2: SmolLM2 pruned at 20 % (uniform) with N = 1, 64 and 128, the kept widths per layer, the achieved
+  ratio, and prefill / decode time against N = 1 measured in the same run (interleaved repeats). The shapes only
+  need the scores, so this prune uses a small calibration (16 Alpaca prompts, no refit): the widths the rounding
+  leaves are what is timed, not the quality of the weights (benchmarks.quality measures that: recipes mult64,
+  mult128).
+- compiled: the MLP kernels at LLaMA-2-7B and LLaMA-3-8B widths kept at 20 % (80 % of the intermediate, and the
+  nearest multiple of 64 and of 128) compiled for sm_80 and sm_90a as the launchers would launch them
+  (amp_kernels.compiled): tiles launched and the share of their width left idle, registers, occupancy, and the
+  global loads and stores that move 16 bytes per thread against narrower ones. With `--device cuda` each kernel
+  and the stock down projection (cuBLAS) are also timed at every width (triton.testing.do_bench).
 
-The shapes only need the scores, so the prune here uses a small calibration (16 Alpaca prompts, no refit): the
-widths the rounding leaves are what is timed, not the quality of the weights.
+    python -m benchmarks.bench_multiple_of [--parts smollm2,compiled] [--multiples 1,64,128] [--ratio 0.2]
+                                           [--repeats 5] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,18 +36,104 @@ def _time(fn, repeats: int) -> list[float]:
     return out
 
 
+# hidden size and MLP intermediate of the families the compiled part looks at
+COMPILED_FAMILIES = {"LLaMA-2-7B": (4096, 11008), "LLaMA-3-8B": (4096, 14336)}
+CALIB_TOKENS, PREFILL_TOKENS = 4096, 2048   # a calibration batch (8 x 512) and an inference prefill
+
+
+def kept_width(intermediate: int, ratio: float, multiple: int) -> int:
+    """The width a uniform prune at `ratio` keeps, rounded to the nearest multiple (the shapes compiled here)."""
+    width = round(intermediate * (1 - ratio))
+    return max(multiple, round(width / multiple) * multiple)
+
+
+def _mlp_launches(hidden: int, width: int, dtype, device):
+    """(kernel, launcher, args) of the MLP kernels whose shapes depend on the kept width."""
+    from amp_kernels.triton_mlp_act import swiglu_triton
+    from amp_kernels.triton_swiglu_matmul import swiglu_matmul_triton
+    t = lambda *shape: torch.randn(shape, dtype=dtype, device=device) if device != "meta" else \
+        torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    stats = torch.zeros(width, dtype=torch.float32, device=device)
+    return [("swiglu (inference)", swiglu_triton, (t(PREFILL_TOKENS, width), t(PREFILL_TOKENS, width))),
+            ("swiglu+stats (calibration)", swiglu_triton, (t(CALIB_TOKENS, width), t(CALIB_TOKENS, width), stats)),
+            ("swiglu_matmul (calibration)", swiglu_matmul_triton,
+             (t(CALIB_TOKENS, hidden), t(width, hidden), t(width, hidden)))]
+
+
+def compiled_rows(ratio: float, multiples: list[int], device: str) -> list[dict]:
+    from amp_kernels import compiled
+    rows = []
+    for family, (hidden, intermediate) in COMPILED_FAMILIES.items():
+        for n in multiples:
+            width = kept_width(intermediate, ratio, n)
+            for kernel, launcher, args in _mlp_launches(hidden, width, torch.bfloat16, "meta"):
+                for arch in compiled.ARCHS:
+                    launch = compiled.capture(arch, launcher, *args)[0]
+                    built = compiled.compile_launch(launch, arch)
+                    res = compiled.resources(built, arch)
+                    block = int(launch.kwargs.get("BLOCK_I", width))
+                    tiles = -(-width // block)
+                    rows.append({"family": family, "multiple_of": n, "width": width, "kernel": kernel,
+                                 "dtype": "bf16", "arch": f"sm_{arch}a" if arch == 90 else f"sm_{arch}",
+                                 "block_width": block, "tiles_across_width": tiles,
+                                 "idle_share_of_tiles": round(1 - width / (tiles * block), 4),
+                                 "registers": res["registers"], "spills": res["spill_stores"] + res["spill_loads"],
+                                 "occupancy": res["occupancy"], **compiled.memory_ops(built.asm["ptx"])})
+            if device == "cuda":
+                rows += _gpu_rows(family, hidden, width, n)
+    return rows
+
+
+def _gpu_rows(family: str, hidden: int, width: int, n: int) -> list[dict]:
+    from triton.testing import do_bench
+    out = []
+    for kernel, launcher, args in _mlp_launches(hidden, width, torch.bfloat16, "cuda"):
+        out.append({"family": family, "multiple_of": n, "width": width, "kernel": kernel, "dtype": "bf16",
+                    "arch": torch.cuda.get_device_name(), "time_us": round(1e3 * do_bench(lambda: launcher(*args)), 2)})
+    act = torch.randn(PREFILL_TOKENS, width, dtype=torch.bfloat16, device="cuda")
+    w_down = torch.randn(hidden, width, dtype=torch.bfloat16, device="cuda")
+    out.append({"family": family, "multiple_of": n, "width": width, "kernel": "down_proj (cuBLAS, inference)",
+                "dtype": "bf16", "arch": torch.cuda.get_device_name(),
+                "time_us": round(1e3 * do_bench(lambda: act @ w_down.t()), 2)})
+    return out
+
+
 def main(argv=None) -> int:
-    import amp
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default="smollm2,compiled", help="comma list of smollm2, compiled")
     p.add_argument("--multiples", default="1,64,128")
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: also time the kernels")
+    p.add_argument("--out", default=str(RESULTS), help="results folder")
     args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if parts - {"smollm2", "compiled"}:
+        p.error(f"--parts: unknown {sorted(parts - {'smollm2', 'compiled'})}")
+    multiples = list(map(int, args.multiples.split(",")))
+    if "compiled" in parts:
+        rows = compiled_rows(args.ratio, multiples, args.device)
+        for r in rows:
+            print(r)
+        summary = [f"MLP kernels at the widths a uniform prune at {args.ratio:.0%} keeps (80 % of the "
+                   "intermediate, rounded to the nearest multiple), bf16, compiled for the A100 (sm_80) and H100 "
+                   "(sm_90a) as the launchers launch them: loads/stores per thread that move 16 bytes against "
+                   "narrower ones (PTX), tiles across the width and the share of their width left idle. An "
+                   "estimate of what the width buys, not a time: --device cuda adds do_bench times."]
+        record("bench_multiple_of_compiled", rows, summary, Path(args.out))
+        print(summary[0])
+    if "smollm2" in parts:
+        smollm2(args, multiples)
+    return 0
+
+
+def smollm2(args, multiples: list[int]) -> None:
+    import amp
     torch.manual_seed(0)
     models = {}
-    for n in map(int, args.multiples.split(",")):
+    for n in multiples:
         model, tok, _ = amp.load_model(None, "float32")
         cal = amp.load_calibration(tok, "alpaca", 16, 128, 0)
         report = amp.prune_(model, amp.PruneConfig(ratio=args.ratio, multiple_of=n, compensate="none",
@@ -73,9 +167,8 @@ def main(argv=None) -> int:
                f"steps, fp32 on this CPU, medians of {args.repeats} interleaved repeats; speed relative to "
                "--multiple-of 1 in the same run. CPU GEMMs (oneDNN/MKL) do not tile like GPU kernels: a CPU ratio "
                "near 1 says nothing about the GPU, where the compiled tiles are 64 or 128 wide (docs/kernels.md)."]
-    record("bench_multiple_of", rows, summary, RESULTS)
+    record("bench_multiple_of", rows, summary, Path(args.out))
     print(summary[0])
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 #     PYTHONPATH=. bash benchmarks/gpu_check.sh
 # Results go to benchmarks/results; when $OUT is set (the device tool's output folder, which returns at most
 # 8 files) everything is packed into $OUT/gpu_results.tar.gz, with the logs beside it.
-# Sized to finish in under 10 minutes on one H200 (every step has its own timeout; 570 s in all).
+# Sized to finish in under 10 minutes on one H200 (every step has its own timeout; 590 s in all).
 set -uo pipefail
 if [ -n "${OUT:-}" ]; then RES=$(mktemp -d); else RES=benchmarks/results; fi
 LOGS="${OUT:-$RES}"
@@ -30,15 +30,19 @@ kernels_rc=${PIPESTATUS[0]}
 timeout 60 python -m benchmarks.bench_compiled --families LLaMA-3-8B,LLaMA-3-70B,Gemma-2-9B --dtypes bf16 \
   --out "$RES" 2>&1 | tail -12 | tee -a "$LOGS/gpu_bench.log"
 compiled_rc=${PIPESTATUS[0]}
+# --multiple-of: the MLP kernels at odd and rounded 7B/8B widths, compiled and timed (do_bench), cuBLAS beside them.
+timeout 30 python -m benchmarks.bench_multiple_of --parts compiled --device cuda --out "$RES" 2>&1 | tail -3 \
+  | tee -a "$LOGS/gpu_bench.log"
+multiple_rc=${PIPESTATUS[0]}
 # Streaming on the GPU with the default recipe (64 x 512 C4 tokens: the bundled sample, sequential, refit):
 # 4 layers of LLaMA-2-7B shapes (2.2 GB bf16), wall time and peak device memory per phase.
 timeout 120 python -m benchmarks.bench_stream --layers 4 --device cuda --calib c4 --nsamples 64 --seqlen 512 \
   --cache /tmp/amp_bench_ckpt --skip-in-memory --out "$RES" 2>&1 | tee -a "$LOGS/gpu_bench.log"
 stream_rc=${PIPESTATUS[0]}
 # Inference: single LLaMA-2-7B / LLaMA-3-8B layers at 0/20/30 %, stock vs accelerate_, and the kernels alone.
-timeout 100 python -m benchmarks.bench_infer --device cuda --quick --out "$RES" 2>&1 | tee -a "$LOGS/gpu_bench.log"
+timeout 90 python -m benchmarks.bench_infer --device cuda --quick --out "$RES" 2>&1 | tee -a "$LOGS/gpu_bench.log"
 infer_rc=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ]; then tar -czf "$OUT/gpu_results.tar.gz" -C "$RES" .; fi
-echo "tests rc=$tests_rc kernels rc=$kernels_rc compiled rc=$compiled_rc stream rc=$stream_rc infer rc=$infer_rc" \
+echo "tests rc=$tests_rc kernels rc=$kernels_rc compiled rc=$compiled_rc multiple_of rc=$multiple_rc stream rc=$stream_rc infer rc=$infer_rc" \
   | tee -a "$LOGS/gpu_env.txt"
-exit $(( tests_rc || kernels_rc || compiled_rc || stream_rc || infer_rc ))
+exit $(( tests_rc || kernels_rc || compiled_rc || multiple_rc || stream_rc || infer_rc ))

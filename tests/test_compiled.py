@@ -64,3 +64,27 @@ def test_occupancy_arithmetic():
     assert compiled.occupancy(90, 32, 0, 4) == 1.0            # 16 blocks of 4 warps fill the 64 warps
     assert compiled.occupancy(90, 255, 0, 4) == 0.125         # 256 registers a thread: 8 warps resident
     assert compiled.occupancy(80, 64, 100_000, 4) == 1 / 16   # shared memory leaves room for one block
+
+
+def test_memory_ops_counts_wide_and_narrow_accesses():
+    """memory_ops reads access widths from PTX (synthetic lines), and on a real compile an odd bf16 width (whose row
+    stride does not divide by 16 bytes) loses the 16-byte accesses that a width rounded by --multiple-of keeps."""
+    ptx = ("@%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];\n ld.global.b16 { %rs1 }, [ %rd2 + 0 ];\n"
+           "st.global.v2.b32 [ %rd3 + 0 ], { %r5, %r6 };\n st.global.v4.b32 [ %rd4 + 0 ], { %r1, %r2, %r3, %r4 };")
+    assert compiled.memory_ops(ptx) == {"loads_16B": 1, "loads_narrower": 1, "stores_16B": 1, "stores_narrower": 1}
+    import json
+    import subprocess
+    import sys
+    code = ("import json, torch; from amp_kernels import compiled; from amp_kernels.triton_mlp_act import swiglu_triton;"
+            " out = {};\nfor w in (11469, 11520):\n"
+            "    x = torch.empty(2048, w, dtype=torch.bfloat16, device='meta')\n"
+            "    (l,) = compiled.capture(90, swiglu_triton, x, x)\n"
+            "    out[w] = compiled.memory_ops(compiled.compile_launch(l, 90).asm['ptx'])\n"
+            "print('RES ' + json.dumps(out))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RES ")), None)
+    assert line, proc.stderr[-2000:]
+    odd, rounded = json.loads(line[4:]).values()
+    assert odd["loads_16B"] == 0 and odd["loads_narrower"] > 0 and odd["stores_16B"] == 0
+    assert rounded["loads_16B"] > 0 and rounded["loads_narrower"] == 0 and rounded["stores_narrower"] == 0
