@@ -197,16 +197,18 @@ def _meta(*shape, dtype):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def workloads(family: str, dtype: torch.dtype) -> list[tuple[str, object, tuple, dict]]:
+def workloads(family: str, dtype: torch.dtype, width: int | None = None) -> list[tuple[str, object, tuple, dict]]:
     """(name, launcher, args, kwargs) of every kernel the engine launches for this family: calibration scores and
-    MLP statistics, and inference (activation, attention prefill and decode)."""
+    MLP statistics, and inference (activation, attention prefill and decode). `width`: the MLP width a pruned
+    model keeps, instead of the family's full intermediate size."""
     from . import decode_groups
     from .triton_gqa_attention import gqa_attention_triton
     from .triton_gqa_decode import gqa_decode_triton
     from .triton_head_norms import head_norms_triton
     from .triton_mlp_act import geglu_triton, gelu_triton, swiglu_triton
     from .triton_swiglu_matmul import swiglu_matmul_triton
-    hidden, heads, kv, d, width, kind = FAMILIES[family]
+    hidden, heads, kv, d, full_width, kind = FAMILIES[family]
+    width = width or full_width
     m = lambda *s: _meta(*s, dtype=dtype)  # noqa: E731
     out = [("head_norms", head_norms_triton, (m(CALIB_TOKENS, heads * d), m(hidden, heads * d), heads), {})]
     if kind != "experts":  # mixture-of-experts blocks run transformers' own expert loop, no fused kernel

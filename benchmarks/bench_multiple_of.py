@@ -36,9 +36,9 @@ def _time(fn, repeats: int) -> list[float]:
     return out
 
 
-# hidden size and MLP intermediate of the families the compiled part looks at
-COMPILED_FAMILIES = {"LLaMA-2-7B": (4096, 11008), "LLaMA-3-8B": (4096, 14336)}
-CALIB_TOKENS, PREFILL_TOKENS = 4096, 2048   # a calibration batch (8 x 512) and an inference prefill
+COMPILED_FAMILIES = ("LLaMA-2-7B", "LLaMA-3-8B")   # shapes from amp_kernels.compiled.FAMILIES
+# the workloads of amp_kernels.compiled whose tensors are as wide as the kept MLP width
+MLP_KERNELS = ("swiglu+stats", "swiglu", "swiglu_matmul")
 
 
 def kept_width(intermediate: int, ratio: float, multiple: int) -> int:
@@ -47,26 +47,21 @@ def kept_width(intermediate: int, ratio: float, multiple: int) -> int:
     return max(multiple, round(width / multiple) * multiple)
 
 
-def _mlp_launches(hidden: int, width: int, dtype, device):
-    """(kernel, launcher, args) of the MLP kernels whose shapes depend on the kept width."""
-    from amp_kernels.triton_mlp_act import swiglu_triton
-    from amp_kernels.triton_swiglu_matmul import swiglu_matmul_triton
-    t = lambda *shape: torch.randn(shape, dtype=dtype, device=device) if device != "meta" else \
-        torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
-    stats = torch.zeros(width, dtype=torch.float32, device=device)
-    return [("swiglu (inference)", swiglu_triton, (t(PREFILL_TOKENS, width), t(PREFILL_TOKENS, width))),
-            ("swiglu+stats (calibration)", swiglu_triton, (t(CALIB_TOKENS, width), t(CALIB_TOKENS, width), stats)),
-            ("swiglu_matmul (calibration)", swiglu_matmul_triton,
-             (t(CALIB_TOKENS, hidden), t(width, hidden), t(width, hidden)))]
+def _mlp_workloads(family: str, width: int) -> list[tuple[str, object, tuple]]:
+    """(kernel, launcher, meta-tensor args) of the MLP kernels at `width`: the compile check's own workloads."""
+    from amp_kernels import compiled
+    return [(name, launcher, args) for name, launcher, args, _ in compiled.workloads(family, torch.bfloat16, width)
+            if name in MLP_KERNELS]
 
 
 def compiled_rows(ratio: float, multiples: list[int], device: str) -> list[dict]:
     from amp_kernels import compiled
     rows = []
-    for family, (hidden, intermediate) in COMPILED_FAMILIES.items():
+    for family in COMPILED_FAMILIES:
+        intermediate = compiled.FAMILIES[family][4]
         for n in multiples:
             width = kept_width(intermediate, ratio, n)
-            for kernel, launcher, args in _mlp_launches(hidden, width, torch.bfloat16, "meta"):
+            for kernel, launcher, args in _mlp_workloads(family, width):
                 for arch in compiled.ARCHS:
                     launch = compiled.capture(arch, launcher, *args)[0]
                     built = compiled.compile_launch(launch, arch)
@@ -80,21 +75,27 @@ def compiled_rows(ratio: float, multiples: list[int], device: str) -> list[dict]
                                  "registers": res["registers"], "spills": res["spill_stores"] + res["spill_loads"],
                                  "occupancy": res["occupancy"], **compiled.memory_ops(built.asm["ptx"])})
             if device == "cuda":
-                rows += _gpu_rows(family, hidden, width, n)
+                rows += _gpu_rows(family, width, n)
     return rows
 
 
-def _gpu_rows(family: str, hidden: int, width: int, n: int) -> list[dict]:
+def _gpu_rows(family: str, width: int, n: int) -> list[dict]:
+    """do_bench of each MLP kernel at `width` on the GPU (the same shapes as compiled), and of the stock down
+    projection (cuBLAS) that reads the kept width."""
     from triton.testing import do_bench
+
+    from amp_kernels import compiled
+
+    def on_gpu(arg):  # the workloads' meta tensors, made real
+        return torch.randn(arg.shape, dtype=arg.dtype, device="cuda") if isinstance(arg, torch.Tensor) else arg
+    head = {"family": family, "multiple_of": n, "width": width, "dtype": "bf16", "arch": torch.cuda.get_device_name()}
     out = []
-    for kernel, launcher, args in _mlp_launches(hidden, width, torch.bfloat16, "cuda"):
-        out.append({"family": family, "multiple_of": n, "width": width, "kernel": kernel, "dtype": "bf16",
-                    "arch": torch.cuda.get_device_name(), "time_us": round(1e3 * do_bench(lambda: launcher(*args)), 2)})
-    act = torch.randn(PREFILL_TOKENS, width, dtype=torch.bfloat16, device="cuda")
-    w_down = torch.randn(hidden, width, dtype=torch.bfloat16, device="cuda")
-    out.append({"family": family, "multiple_of": n, "width": width, "kernel": "down_proj (cuBLAS, inference)",
-                "dtype": "bf16", "arch": torch.cuda.get_device_name(),
-                "time_us": round(1e3 * do_bench(lambda: act @ w_down.t()), 2)})
+    for kernel, launcher, args in _mlp_workloads(family, width):
+        real = tuple(map(on_gpu, args))
+        out.append({**head, "kernel": kernel, "time_us": round(1e3 * do_bench(lambda: launcher(*real)), 2)})
+    act = torch.randn(compiled.PREFILL, width, dtype=torch.bfloat16, device="cuda")
+    w_down = torch.randn(compiled.FAMILIES[family][0], width, dtype=torch.bfloat16, device="cuda")
+    out.append({**head, "kernel": "down_proj (cuBLAS)", "time_us": round(1e3 * do_bench(lambda: act @ w_down.t()), 2)})
     return out
 
 

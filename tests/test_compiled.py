@@ -43,17 +43,10 @@ def test_what_is_compiled_is_what_the_launcher_would_launch():
 def test_the_check_sees_a_spill_and_missing_tensor_cores():
     """problems() is not vacuous: a deliberately oversized tile spills, and an fp32-style report lacks wgmma."""
     big = dict(BLOCK_T=128, BLOCK_O=128, BLOCK_K=64, num_warps=4, num_stages=3)
-    import json
-    import subprocess
-    import sys
-    code = ("import json, torch; from amp_kernels import compiled; "
-            "from amp_kernels.triton_head_norms import head_norms_triton; "
-            "x = torch.empty(4096, 32 * 128, dtype=torch.float32, device='meta'); "
-            f"(l,) = compiled.capture(80, head_norms_triton, x, x, 32, config={big!r}); "
-            "print('RES ' + json.dumps(compiled.resources(compiled.compile_launch(l, 80), 80)))")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RES "))[4:])
+    res = _in_fresh_process("from amp_kernels.triton_head_norms import head_norms_triton\n"
+                            "x = torch.empty(4096, 32 * 128, dtype=torch.float32, device='meta')\n"
+                            f"(l,) = compiled.capture(80, head_norms_triton, x, x, 32, config={big!r})\n"
+                            "RES = compiled.resources(compiled.compile_launch(l, 80), 80)")
     row = {"kernel": "head_norms", "dtype": "fp32", "arch": "sm_80", **res}
     assert res["spill_stores"] > 0 and any("spills" in p for p in compiled.problems(row))
     fake = {**row, "dtype": "bf16", "arch": "sm_90a", "spill_stores": 0, "spill_loads": 0, "tensor_cores": False}
@@ -72,19 +65,26 @@ def test_memory_ops_counts_wide_and_narrow_accesses():
     ptx = ("@%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];\n ld.global.b16 { %rs1 }, [ %rd2 + 0 ];\n"
            "st.global.v2.b32 [ %rd3 + 0 ], { %r5, %r6 };\n st.global.v4.b32 [ %rd4 + 0 ], { %r1, %r2, %r3, %r4 };")
     assert compiled.memory_ops(ptx) == {"loads_16B": 1, "loads_narrower": 1, "stores_16B": 1, "stores_narrower": 1}
-    import json
-    import subprocess
-    import sys
-    code = ("import json, torch; from amp_kernels import compiled; from amp_kernels.triton_mlp_act import swiglu_triton;"
-            " out = {};\nfor w in (11469, 11520):\n"
-            "    x = torch.empty(2048, w, dtype=torch.bfloat16, device='meta')\n"
-            "    (l,) = compiled.capture(90, swiglu_triton, x, x)\n"
-            "    out[w] = compiled.memory_ops(compiled.compile_launch(l, 90).asm['ptx'])\n"
-            "print('RES ' + json.dumps(out))")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RES ")), None)
-    assert line, proc.stderr[-2000:]
-    odd, rounded = json.loads(line[4:]).values()
+    res = _in_fresh_process("from amp_kernels.triton_mlp_act import swiglu_triton\nRES = {}\n"
+                            "for w in (11469, 11520):\n"
+                            "    x = torch.empty(2048, w, dtype=torch.bfloat16, device='meta')\n"
+                            "    (l,) = compiled.capture(90, swiglu_triton, x, x)\n"
+                            "    RES[w] = compiled.memory_ops(compiled.compile_launch(l, 90).asm['ptx'])")
+    odd, rounded = res.values()
     assert odd["loads_16B"] == 0 and odd["loads_narrower"] > 0 and odd["stores_16B"] == 0
     assert rounded["loads_16B"] > 0 and rounded["loads_narrower"] == 0 and rounded["stores_narrower"] == 0
+
+
+def _in_fresh_process(code: str):
+    """Runs `code` (with torch and amp_kernels.compiled imported) in a Python process without TRITON_INTERPRET,
+    whose kernels the real compiler accepts, and returns the JSON value it leaves in RES."""
+    import json
+    import os
+    import subprocess
+    import sys
+    script = f"import json, torch\nfrom amp_kernels import compiled\n{code}\nprint('RES ' + json.dumps(RES))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RES ")), None)
+    assert line, proc.stderr[-2000:]
+    return json.loads(line[4:])
