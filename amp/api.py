@@ -52,7 +52,7 @@ def _prune(source, sink, config: PruneConfig, calibration, pad_id: int, timer, p
     samples = getattr(calibration, "samples", calibration)
     before = allocate.total_params(source.model)
     result = prune_layers(source, sink, config, samples, pad_id=pad_id, timer=timer, progress=progress,
-                          staging=staging, probe=probe)
+                          staging=staging, probe=probe, held_out=getattr(calibration, "held_out", None))
     return prune_report(source, sink, config, calibration, result, before, timer)
 
 
@@ -95,7 +95,7 @@ def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwr
     if config.needs_calibration:
         with timer.phase("calibration_data"):
             calibration = load_calibration(tokenizer, config.calib, config.nsamples, config.seqlen,
-                                                config.seed, data_dir)
+                                           config.seed, data_dir, config.holdout if config.allocation == "kl" else 0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     with folders.staged_folder(out, overwrite) as tmp:
         if config.stream:

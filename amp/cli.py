@@ -14,7 +14,8 @@ from .export import FORMATS, export_checkpoint
 from .common.errors import AmpError
 from .io.folders import write_json_atomic
 from .io.info import describe
-from .prune.config import ALLOCATIONS, COMPENSATIONS, CRITERIA, DEVICES, DTYPES, HEADS, MOE, OFFLOADS, PruneConfig
+from .prune.config import (ALLOCATIONS, COMPENSATIONS, CRITERIA, DEVICES, DTYPES, HEADS, MOE, OFFLOADS, RATIO_OF,
+                           PruneConfig)
 from .quality.evaluate import evaluate
 from .quality.generation import generate_text
 from .quality.table import markdown
@@ -36,8 +37,13 @@ def _prune_parser(sub):
     p.add_argument("model", nargs="?", default=None,
                    help="model folder, .gguf file or cached Hub id (default: bundled SmolLM2-135M-Instruct)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--ratio", type=float, help="fraction of the whole model's parameters to remove")
+    budget.add_argument("--ratio", type=float, help="fraction of the parameters to remove: of the whole model "
+                        "(the paper's convention), or of the decoder blocks with --ratio-of blocks")
     budget.add_argument("--iteration", type=int, help="remove this many decoder layers' worth of parameters")
+    p.add_argument("--ratio-of", default="model", choices=RATIO_OF,
+                   help="what --ratio counts against: the whole model (embeddings and lm_head included, never "
+                        "pruned) or only the decoder blocks, which is what a user of a model with a large "
+                        "vocabulary usually means; the report says what a whole-model ratio cost the blocks")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--calib", default="c4", help="c4 | alpaca | wikitext2 | path to .txt/.json/.jsonl (default c4: "
                    "it beats Alpaca prompts on perplexity and zero-shot accuracy, benchmarks/results/quality_recovery.md)")
@@ -46,7 +52,10 @@ def _prune_parser(sub):
                    help="calibration samples: windows of --seqlen tokens of a text (default 64), or prompts (128)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--criterion", default="amp", choices=CRITERIA)
+    p.add_argument("--criterion", default="amp", choices=CRITERIA,
+                   help="amp: the paper's scores; obs: structured OBS, the structures whose removal leaves the "
+                        "least error after the refit (greedy, from the layer's Gram matrices); magnitude, random, "
+                        "reversed, wanda-sp, flap: baselines")
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="dtype the weights are stored and written in (default: the checkpoint's own)")
@@ -59,7 +68,12 @@ def _prune_parser(sub):
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
     p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
                    help="per-layer budgets: uniform (the paper), depth (share rising with depth), sensitivity "
-                        "(measured output change, one budget solve)")
+                        "(measured output change, one budget solve), kl (every layer's attention and MLP error "
+                        "curve from its Gram, weighted by the output Fisher measured on held-back windows: one "
+                        "solve in predicted KL divergence from the dense model)")
+    p.add_argument("--holdout", type=int, default=8,
+                   help="kl allocation: calibration samples held back (besides --nsamples) to measure the "
+                        "divergence from the dense model on")
     p.add_argument("--heads", default="auto", choices=HEADS,
                    help="GQA models: prune whole KV groups or single query heads (auto: group when uniform)")
     p.add_argument("--moe", default="auto", choices=MOE,
@@ -292,7 +306,7 @@ def cmd_prune(args) -> int:
                          allocation=args.allocation, heads=args.heads, min_keep=args.min_keep,
                          depth_range=_pair(args.depth_range), compensate=args.compensate, damp=args.damp,
                          sequential=args.sequential, moe=args.moe,
-                         multiple_of=args.multiple_of)
+                         multiple_of=args.multiple_of, ratio_of=args.ratio_of, holdout=args.holdout)
     recovery = _recover_config(args, prefix="recover-") if args.recover else None
     if not args.recover and args.teacher:
         raise AmpError("--teacher is a recovery flag: add --recover")
@@ -305,9 +319,16 @@ def cmd_prune(args) -> int:
     if not is_main_process():  # under a launcher (prune --recover) rank 0 speaks and exports
         return 0
     pl = report["per_layer"]
+    blocks = report["blocks"]
+    asked = f"asked {report['ratio_target']:.2%}" + (" of the blocks" if report["ratio_of"] == "blocks" else "")
     print(f"pruned {report['model']} with {report['criterion']}: "
           f"{report['params_before']:,} -> {report['params_after']:,} parameters, "
-          f"ratio {report['ratio_achieved']:.2%} (asked {report['ratio_target']:.2%})")
+          f"ratio {report['ratio_achieved']:.2%} of the model, {blocks['ratio_achieved']:.2%} of the decoder "
+          f"blocks ({asked})")
+    kl = report["allocation"].get("heldout_kl")
+    if kl:
+        print(f"divergence from the dense model on {kl['samples']} held-back samples ({kl['tokens']:,} tokens): "
+              f"KL {kl['measured']:.4g} nats per token (predicted by the allocation: {kl['predicted']:.4g})")
     if report["allocation"]["method"] == "uniform" and report["allocation"]["heads"] == "group":
         print(f"per layer: heads {pl['heads'][0]} -> {pl['heads'][1]}, kv heads {pl['kv_heads'][0]} -> "
               f"{pl['kv_heads'][1]}, neurons {pl['neurons'][0]} -> {pl['neurons'][1]}")

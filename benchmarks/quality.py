@@ -93,6 +93,9 @@ def main():
             r["prune_seconds"] = round(prune_s, 1)
             r["compensation"] = report["compensation"]
             r["calibration_tokens"] = cal.num_tokens
+            r["blocks_ratio"] = round(report["blocks"]["ratio_achieved"], 4)
+            if report["allocation"].get("heldout_kl"):
+                r["heldout_kl"] = report["allocation"]["heldout_kl"]
             if recovered:
                 r["recovery"] = recovered
             r["kept_per_layer"] = [[len(l["kept_heads"]), len(l["kept_kv_heads"]), len(l["kept_neurons"])]
@@ -134,7 +137,8 @@ def main():
 
 _STEPS = {"none": {}, "bias": {"compensate": "bias"}, "refit": {"compensate": "refit"}, "seq": {"sequential": True},
           "depth": {"allocation": "depth"}, "query": {"heads": "query"}, "mult64": {"multiple_of": 64},
-          "mult128": {"multiple_of": 128}}
+          "mult128": {"multiple_of": 128}, "obs": {"criterion": "obs"}, "kl": {"allocation": "kl"},
+          "blocks": {"ratio_of": "blocks"}}
 
 
 def _recipe(text: str, tokenizer, data_dir, seed: int):
@@ -152,9 +156,10 @@ def _recipe(text: str, tokenizer, data_dir, seed: int):
             raise SystemExit(f"unknown recipe step {step!r} in {text!r}")
     if "bias" in steps.split("+") and "refit" in steps.split("+"):
         fields["compensate"] = "bias+refit"
-    key = (source, int(n or 128))
+    # the kl allocation measures on windows held back beside the same calibration windows
+    key = (source, int(n or 128), 8 if fields.get("allocation") == "kl" else 0)
     if key not in _CALIBRATIONS:
-        _CALIBRATIONS[key] = amp.load_calibration(tokenizer, source, key[1], 512, seed, data_dir)
+        _CALIBRATIONS[key] = amp.load_calibration(tokenizer, source, key[1], 512, seed, data_dir, holdout=key[2])
     return text, fields, _CALIBRATIONS[key], recovery
 
 

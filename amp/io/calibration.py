@@ -9,10 +9,11 @@ Sampling is deterministic for a seed.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ class Calibration:
     name: str                    # what the report calls it
     samples: list[torch.Tensor]  # 1-D token id tensors
     file: str | None = None      # where the text came from
+    held_out: list[torch.Tensor] = field(default_factory=list)  # windows kept apart from the samples (kl)
 
     @property
     def num_tokens(self) -> int:
@@ -119,8 +121,10 @@ def read_records(path: Path, with_response: bool = False) -> tuple[list[str], bo
 
 
 def load_calibration(tokenizer, source: str = "c4", nsamples: int | None = None, seqlen: int = 512, seed: int = 0,
-                     data_dir: str | os.PathLike | None = None) -> Calibration:
-    """`nsamples` prompts (default 128) of a prompt set, or windows of `seqlen` tokens (default 64) of a text."""
+                     data_dir: str | os.PathLike | None = None, holdout: int = 0) -> Calibration:
+    """`nsamples` prompts (default 128) of a prompt set, or windows of `seqlen` tokens (default 64) of a text.
+    `holdout`: as many more samples again, disjoint from those (other prompts; windows that overlap none of the
+    calibration windows), drawn after them, so that the calibration samples are the same with or without."""
     path = resolve_source(source, data_dir)
     texts, is_prompts = read_records(path)
     if nsamples is None:
@@ -132,9 +136,17 @@ def load_calibration(tokenizer, source: str = "c4", nsamples: int | None = None,
         if not texts:
             raise AmpError(f"calibration file {path} has no prompts")
         picks = rng.sample(texts, nsamples) if nsamples <= len(texts) else [rng.choice(texts) for _ in range(nsamples)]
-        samples = [torch.tensor(tokenizer(t, add_special_tokens=True)["input_ids"][:seqlen], dtype=torch.long)
-                   for t in picks]
-        return Calibration(name, [s for s in samples if len(s) > 0], str(path))
+        encode = lambda t: torch.tensor(tokenizer(t, add_special_tokens=True)["input_ids"][:seqlen],  # noqa: E731
+                                        dtype=torch.long)
+        samples = [encode(t) for t in picks]
+        held = []
+        if holdout:
+            rest = sorted(set(texts) - set(picks))
+            if len(rest) < holdout:
+                raise AmpError(f"calibration file {path} has {len(rest)} prompts beyond the {nsamples} calibration "
+                               f"samples, fewer than the {holdout} to hold back")
+            held = [encode(t) for t in rng.sample(rest, holdout)]
+        return Calibration(name, [s for s in samples if len(s) > 0], str(path), [s for s in held if len(s) > 0])
     # Text corpus: concatenate, tokenize once (only as much as needed) and cut random windows of seqlen.
     joined = "\n\n".join(t for t in texts if t.strip())
     if not joined.strip():
@@ -144,7 +156,28 @@ def load_calibration(tokenizer, source: str = "c4", nsamples: int | None = None,
     if len(ids) < seqlen:
         raise AmpError(f"calibration file {path} holds {len(ids)} tokens, too short for one window of {seqlen}")
     starts = [rng.randrange(0, len(ids) - seqlen + 1) for _ in range(nsamples)]
-    return Calibration(name, [ids[s:s + seqlen].clone() for s in starts], str(path))
+    held = _disjoint_windows(rng, len(ids), seqlen, starts, holdout, path) if holdout else []
+    return Calibration(name, [ids[s:s + seqlen].clone() for s in starts], str(path),
+                       [ids[s:s + seqlen].clone() for s in held])
+
+
+def _disjoint_windows(rng: random.Random, length: int, seqlen: int, taken: list[int], count: int, path) -> list[int]:
+    """`count` window starts whose windows overlap none of `taken`'s (nor each other)."""
+    used = sorted(taken)
+    out = []
+    for _ in range(1000 * count):
+        if len(out) == count:
+            break
+        s = rng.randrange(0, length - seqlen + 1)
+        i = bisect.bisect_left(used, s)
+        if (i < len(used) and used[i] < s + seqlen) or (i > 0 and used[i - 1] + seqlen > s):
+            continue
+        bisect.insort(used, s)
+        out.append(s)
+    if len(out) < count:
+        raise AmpError(f"calibration file {path} is too short to hold back {count} windows of {seqlen} tokens apart "
+                       f"from the {len(taken)} calibration windows; use fewer samples or a smaller --holdout")
+    return out
 
 
 def make_batches(samples: list[torch.Tensor], batch_size: int, pad_id: int):

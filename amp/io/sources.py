@@ -69,10 +69,12 @@ class ModelSource:
             self.layers[index].to(device=self.host, dtype=self.storage_dtype)
 
     @contextmanager
-    def embeddings(self, device):
+    def embeddings(self, device, head: bool = False):
         """Everything outside the decoder layers, on the device in its stored dtype, for capturing the first
-        layer's inputs."""
+        layer's inputs; `head`: the lm_head too (what turns the last hidden states into logits)."""
         others = [m for name, m in self.model.model.named_children() if name != "layers"]
+        if head:
+            others.append(self.model.lm_head)
         try:
             for m in others:
                 m.to(device)
@@ -132,14 +134,19 @@ class SafetensorsSource:
         _to_meta(self.layers[index])
 
     @contextmanager
-    def embeddings(self, device):
-        others = [(name, m) for name, m in self.model.model.named_children() if name != "layers"]
+    def embeddings(self, device, head: bool = False):
+        others = [(f"model.{name}.", m) for name, m in self.model.model.named_children() if name != "layers"]
+        tied = tied_embeddings(self.model.config)
+        if head and not tied:
+            others.append(("lm_head.", self.model.lm_head))
         try:
-            for name, m in others:
+            for prefix, m in others:
                 if _has_params(m):
-                    self._materialize(m, f"model.{name}.", device, self.storage_dtype)
+                    self._materialize(m, prefix, device, self.storage_dtype)
                 else:
                     m.to(device)
+            if head and tied:
+                self.model.tie_weights()  # the lm_head reads the embedding just read
             yield
         finally:
             for _, m in others:

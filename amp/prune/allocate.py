@@ -57,7 +57,7 @@ def unit_params(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, moe: boo
 @dataclass(frozen=True)
 class Plan:
     target_ratio: float
-    total_params: int
+    total_params: int           # what the ratio counts against: the whole model, or the decoder blocks
     attn_units_removed: int     # KV groups (or single heads under MHA) removed per layer
     neurons_removed: int        # per layer
     params_removed_per_layer: int
@@ -104,10 +104,16 @@ def width_ok(kept_heads: int, head_dim: int, multiple_of: int) -> bool:
     return multiple_of <= 1 or (kept_heads * head_dim) % multiple_of == 0
 
 
-def plan(model: torch.nn.Module, layers, spec: ArchSpec, geom: Geometry, ratio: float, multiple_of: int = 1) -> Plan:
+def blocks_params(layers) -> int:
+    return sum(sum(p.numel() for p in layer.parameters()) for layer in layers)
+
+
+def plan(model: torch.nn.Module, layers, spec: ArchSpec, geom: Geometry, ratio: float, multiple_of: int = 1,
+         of_blocks: bool = False) -> Plan:
     """`multiple_of`: kept neurons, and the attention's width, are multiples of it (GEMM shapes that tile well);
-    the achieved ratio is then as close as that rounding allows."""
-    total = total_params(model)
+    the achieved ratio is then as close as that rounding allows. `of_blocks`: the ratio counts against the decoder
+    blocks' parameters instead of the whole model's."""
+    total = blocks_params(layers) if of_blocks else total_params(model)
     if spec.moe is not None:  # decided per layer by the budget (prune/budget.py), which checks the floors
         per_layer = round(ratio * total / len(layers))
         if ratio * total >= sum(sum(p.numel() for p in layer.parameters()) for layer in layers):
@@ -119,7 +125,8 @@ def plan(model: torch.nn.Module, layers, spec: ArchSpec, geom: Geometry, ratio: 
     share = per_layer / units.layer
     if share >= 1.0:
         raise AmpError(f"ratio {ratio} would empty every layer: decoder layers hold only "
-                       f"{len(layers) * units.layer / total:.1%} of the parameters")
+                       f"{len(layers) * units.layer / total:.1%} of the parameters" +
+                       ("" if of_blocks else "; --ratio-of blocks counts the ratio against them"))
     attn_unit = units.attn_unit(geom)
     ideal = min(int(share * geom.num_kv_heads), geom.num_kv_heads - 1)
     # Whole attention units first (rounded down), the MLP absorbing the remainder. Where the config class

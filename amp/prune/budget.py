@@ -190,8 +190,11 @@ def _block(index, kind, params, scores, measured, min_keep, errors, step) -> Blo
 
 def _moe_block(index, obs, geom, min_keep: float, errors: str, mode: str, multiple_of: int = 1) -> Block:
     states, params, mass = moe_structures.removal_path(obs.expert_scores, obs.expert_neuron_scores, geom,
-                                                       moe_structures.moe_units(geom), mode, min_keep, multiple_of)
-    error = interpolate(obs.moe_error, len(params) - 1) if errors == "measured" else mass
+                                                       moe_structures.moe_units(geom), mode, min_keep, multiple_of,
+                                                       obs.expert_paths)
+    # measured on the layer's output (sensitivity), or the path's own errors (score mass, or the costs the
+    # experts' Grams give under obs / kl)
+    error = interpolate(obs.moe_error, len(params) - 1) if errors == "measured" and obs.moe_error else mass
     step = max(1, geom.expert_intermediate // MLP_STEPS)
     return Block(index, "moe", params, error, step, states=states)
 
@@ -232,7 +235,10 @@ def allocate(observations, units, geom, method: str, query: bool, min_keep: floa
              multiple_of: int = 1) -> tuple[list[Cut], dict]:
     """Per layer what it gives up (a Cut), freeing `budget` parameters in all, and the allocation's inputs for
     the report. `layer_params`: each layer's parameters (layers of a MoE model differ); default units.layer."""
-    errors = "measured" if method == "sensitivity" else "mass"
+    # measured curves: the sensitivity measurement, or the Gram-based paths (kl; depth under the obs criterion,
+    # whose rank scores carry no mass)
+    curves = bool(observations) and (bool(observations[0].attention_error) or observations[0].expert_paths is not None)
+    errors = "measured" if method in ("sensitivity", "kl") or curves else "mass"
     blocks = [layer_blocks(i, o, units, geom, query, min_keep, errors, moe_mode, multiple_of)
               for i, o in enumerate(observations)]
     n = len(blocks)
@@ -243,6 +249,10 @@ def allocate(observations, units, geom, method: str, query: bool, min_keep: floa
         inputs["attention_error"] = [{str(k): round(v, 6) for k, v in o.attention_error.items()} for o in observations]
         inputs["mlp_error"] = [{str(k): round(v, 6) for k, v in (o.moe_error if o.is_moe else o.mlp_error).items()}
                                for o in observations]
+    elif method == "kl":  # one solve over every block of every layer, in predicted nats of KL per token
+        solve([b for pair in blocks for b in pair], budget)
+        inputs["predicted_kl"] = [[float(f"{b.error[b.removed]:.4g}") for b in pair] for pair in blocks]
+        inputs["predicted_kl_total"] = float(f"{sum(b.error[b.removed] for pair in blocks for b in pair):.4g}")
     elif method == "depth":
         targets = depth_targets([a.params[-1] + m.params[-1] for a, m in blocks], budget, depth_range)
         surplus = 0  # what earlier layers freed beyond their targets (coarse moves): later layers free less

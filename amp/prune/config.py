@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from ..common.errors import AmpError
 from ..io.safetensors_io import parse_size
 
-CRITERIA = ("amp", "magnitude", "random", "reversed", "wanda-sp", "flap")
+CRITERIA = ("amp", "obs", "magnitude", "random", "reversed", "wanda-sp", "flap")
 # Criteria that need per-channel input moments, and the one that folds removed channels into a bias.
 MOMENT_CRITERIA = ("wanda-sp", "flap")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOADS = ("auto", "device", "host", "disk")
-ALLOCATIONS = ("uniform", "depth", "sensitivity")
+ALLOCATIONS = ("uniform", "depth", "sensitivity", "kl")
+RATIO_OF = ("model", "blocks")  # what --ratio is a share of: the whole model (the paper), or the decoder blocks
 HEADS = ("auto", "group", "query")
 MOE = ("auto", "experts", "neurons")  # mixture-of-experts granularity, as --heads is for attention
 # Criteria that need no calibration data.
@@ -26,7 +27,8 @@ AUTO_REFIT = True
 
 @dataclass(frozen=True)
 class PruneConfig:
-    ratio: float | None = None       # fraction of the WHOLE model's parameters to remove
+    ratio: float | None = None       # fraction of the parameters to remove (of the whole model: see ratio_of)
+    ratio_of: str = "model"          # model: the whole model's parameters (the paper) | blocks: the decoder blocks'
     iteration: int | None = None     # or: remove this many decoder layers' worth of parameters (paper's flag)
     criterion: str = "amp"
     calib: str = "c4"                # c4 | alpaca | wikitext2 | path to .txt / .json / .jsonl (measured default)
@@ -40,7 +42,8 @@ class PruneConfig:
     offload: str = "auto"            # where calibration activations live: auto | device | host | disk
     stream: bool = True              # prune_checkpoint: stream a safetensors checkpoint layer by layer
     max_shard_size: str = "5GB"      # output shards when streaming
-    allocation: str = "uniform"      # per-layer budgets: uniform | depth | sensitivity
+    allocation: str = "uniform"      # per-layer budgets: uniform | depth | sensitivity | kl
+    holdout: int = 8                 # kl: calibration samples held back to measure the output divergence on
     heads: str = "auto"              # GQA: prune whole KV groups or single query heads (auto: group if uniform)
     min_keep: float = 0.1            # per-layer floor: each layer keeps this share of its heads and of its neurons
     depth_range: tuple = (0.5, 1.5)  # depth allocation: the first and last layer's share, times the uniform share
@@ -88,6 +91,13 @@ class PruneConfig:
         parse_size(self.max_shard_size)
         if self.allocation not in ALLOCATIONS:
             raise AmpError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.ratio_of not in RATIO_OF:
+            raise AmpError(f"unknown --ratio-of {self.ratio_of!r}; choose one of {', '.join(RATIO_OF)}")
+        if self.ratio_of == "blocks" and self.ratio is None:
+            raise AmpError("--ratio-of blocks counts --ratio against the decoder blocks; --iteration already counts "
+                           "in layers")
+        if not isinstance(self.holdout, int) or self.holdout < 1:
+            raise AmpError(f"--holdout must be a positive number of calibration samples, got {self.holdout!r}")
         if self.heads not in HEADS:
             raise AmpError(f"unknown --heads {self.heads!r}; choose one of {', '.join(HEADS)}")
         if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
@@ -99,8 +109,8 @@ class PruneConfig:
         lo, hi = self.depth_range
         if not (0 < lo and 0 < hi):
             raise AmpError(f"--depth-range must be two positive factors, got {self.depth_range}")
-        if self.allocation == "sensitivity" and not self.needs_calibration:
-            raise AmpError(f"the sensitivity allocation measures on calibration data; criterion "
+        if self.allocation in ("sensitivity", "kl") and not self.needs_calibration:
+            raise AmpError(f"the {self.allocation} allocation measures on calibration data; criterion "
                            f"{self.criterion!r} uses none")
         if self.heads == "auto":  # frozen: resolve through object.__setattr__
             object.__setattr__(self, "heads", "group" if self.allocation == "uniform" else "query")
@@ -121,6 +131,12 @@ class PruneConfig:
     @property
     def bias(self) -> bool:
         return "bias" in self.compensate
+
+    @property
+    def paths(self) -> bool:
+        """Whether layers are observed through Gram-based paths (prune/obs.py): structured OBS chooses, or the
+        KL allocation needs every block's error curve."""
+        return self.criterion == "obs" or self.allocation == "kl"
 
     @property
     def single_pass(self) -> bool:

@@ -9,7 +9,7 @@ from . import experts as moe_structures
 from .statistics import LayerStats
 
 # Criteria defined for mixture-of-experts layers (the baselines' channel statistics have no expert form here).
-MOE_CRITERIA = ("amp", "reversed", "random", "magnitude")
+MOE_CRITERIA = ("amp", "reversed", "random", "magnitude", "obs")
 
 
 def scores(criterion: str, layer: torch.nn.Module, spec: ArchSpec, geom: Geometry,

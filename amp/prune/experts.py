@@ -34,16 +34,21 @@ MIN_TOKENS_SHARE = 0.1  # an expert routed fewer than this share of its fair sha
 
 @dataclass
 class ExpertStats:
-    """Per expert, over valid calibration tokens: sum of ||w * y||_1, tokens routed, per-neuron sum of |a|."""
+    """Per expert, over valid calibration tokens: sum of ||w * y||_1, tokens routed, per-neuron sum of |a|; and for
+    structured OBS / the KL allocation, each expert's Gram of its routing-weighted down-projection input,
+    sum w^2 a a^T (fp32: E x I^2 floats, the largest statistic of a MoE layer, e.g. 6.6 GB for a Mixtral-8x7B
+    layer, 0.3 GB for Qwen3-30B-A3B)."""
     l1: torch.Tensor         # (E,) fp32
     tokens: torch.Tensor     # (E,) int64
     neuron_abs: torch.Tensor  # (E, I) fp32
+    grams: torch.Tensor | None = None  # (E, I, I) fp32
 
     @classmethod
-    def zeros(cls, experts: int, width: int, device) -> "ExpertStats":
+    def zeros(cls, experts: int, width: int, device, grams: bool = False) -> "ExpertStats":
         return cls(torch.zeros(experts, dtype=torch.float32, device=device),
                    torch.zeros(experts, dtype=torch.long, device=device),
-                   torch.zeros(experts, width, dtype=torch.float32, device=device))
+                   torch.zeros(experts, width, dtype=torch.float32, device=device),
+                   torch.zeros(experts, width, width, dtype=torch.float32, device=device) if grams else None)
 
 
 def experts_module(layer, moe: MoESpec):
@@ -83,18 +88,21 @@ def _experts_forward(experts, stats: ExpertStats | None, valid: torch.Tensor | N
                 stats.l1[e] += y[keep].float().abs().sum()
                 stats.tokens[e] += int(y[keep].shape[0])
                 stats.neuron_abs[e] += a[keep].float().abs().sum(dim=0)
+                if stats.grams is not None:
+                    rows = (a * top_k_weights[token_idx, top_k_pos, None])[keep].float()
+                    stats.grams[e] += rows.T @ rows
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
     return forward
 
 
 @contextmanager
-def expert_statistics(layer, moe: MoESpec, geom: Geometry, token_mask):
+def expert_statistics(layer, moe: MoESpec, geom: Geometry, token_mask, grams: bool = False):
     """Runs the layer's experts through `_experts_forward` while the context is open; yields ExpertStats."""
     check_fused(layer, moe)
     experts = experts_module(layer, moe)
     stats = ExpertStats.zeros(experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[1] // 2,
-                              experts.gate_up_proj.device)
+                              experts.gate_up_proj.device, grams)
 
     def forward(hidden_states, top_k_index, top_k_weights):
         flat = token_mask.flat
@@ -113,6 +121,40 @@ def scores(stats: ExpertStats, total_tokens: int) -> tuple[torch.Tensor, torch.T
     expert = stats.l1.cpu() / max(total_tokens, 1)
     neuron = stats.neuron_abs.cpu() / stats.tokens.cpu().clamp_min(1)[:, None].float()
     return expert, neuron
+
+
+@dataclass
+class ExpertPaths:
+    """Measured costs of a MoE block's moves, in the unit of the dense blocks' curves (prune/obs.py): removing
+    an expert costs its whole routing-weighted output (the error if its tokens' other experts absorbed nothing),
+    removing an expert's first n neurons (in its own order) costs the plain error they leave (experts are not
+    refit)."""
+    expert_cost: torch.Tensor   # (E,)
+    neuron_cost: torch.Tensor   # (E, I + 1), cumulative, neuron_cost[:, 0] = 0
+
+
+def obs_paths(layer, moe: MoESpec, stats: ExpertStats, request, tokens: int, scores=None):
+    """(expert scores, expert neuron scores, ExpertPaths) from each expert's Gram: with `scores` None, structured
+    OBS chooses (experts ranked by their cost, each expert's neurons by its greedy path); else the given (expert,
+    neuron) scores are kept and the costs follow their order."""
+    from .obs import plain_path
+    experts = experts_module(layer, moe)
+    down = experts.down_proj.detach()
+    n, width = down.shape[0], down.shape[2]
+    rows = request.fisher.mlp if request.fisher is not None else None
+    scale = (0.5 if rows is not None else 1.0) / max(tokens, 1)
+    expert_cost = torch.zeros(n, dtype=torch.float64)
+    neuron_cost = torch.zeros(n, width + 1, dtype=torch.float64)
+    neuron_scores = torch.zeros(n, width) if scores is None else scores[1]
+    for e in range(n):
+        order = None if scores is None else torch.argsort(scores[1][e], stable=True).tolist()
+        path = plain_path(down[e], stats.grams[e], 1, width, order=order, row_weights=rows)
+        neuron_cost[e] = torch.tensor(path.errors, dtype=torch.float64) * scale
+        expert_cost[e] = neuron_cost[e, -1]  # every neuron gone = the expert's whole output
+        if scores is None:
+            neuron_scores[e] = path.scores(width)
+    expert_scores = expert_cost.float() if scores is None else scores[0]
+    return expert_scores, neuron_scores, ExpertPaths(expert_cost, neuron_cost)
 
 
 def magnitude_scores(layer, moe: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +187,13 @@ def floors(geom: Geometry, min_keep: float) -> tuple[int, int]:
 
 
 def removal_path(expert_scores: torch.Tensor, neuron_scores: torch.Tensor, geom: Geometry, units: MoEUnits,
-                 mode: str, min_keep: float, multiple_of: int = 1) -> tuple[list[tuple[int, int]], list[int], list[float]]:
+                 mode: str, min_keep: float, multiple_of: int = 1, costs: ExpertPaths | None = None
+                 ) -> tuple[list[tuple[int, int]], list[int], list[float]]:
     """The MoE block's removal path: states (experts removed, neurons removed from each kept expert), the
     parameters freed and the score-mass error of each (error = share of expert score mass removed, plus, for each
     kept expert, its share times the share of its neuron mass removed). `mode`: experts only, neurons only, or
-    auto (the next move is whichever removes less error per parameter, weighed in chunks of neurons)."""
+    auto (the next move is whichever removes less error per parameter, weighed in chunks of neurons). `costs`:
+    measured errors (structured OBS / the KL allocation) instead of score mass."""
     if mode not in MOE_MODES:
         raise AmpError(f"unknown --moe {mode!r}; choose one of {', '.join(MOE_MODES)}")
     E, width = geom.num_experts, geom.expert_intermediate
@@ -182,10 +226,15 @@ def removal_path(expert_scores: torch.Tensor, neuron_scores: torch.Tensor, geom:
             out.append(n)
         return out
 
+    if costs is not None:
+        expert_order = torch.argsort(expert_scores.double(), stable=True)
+
     def error_at(e_removed: int, n_removed: int) -> float:
         gone = expert_order[:e_removed]
         k = torch.ones(E, dtype=torch.bool)
         k[gone] = False
+        if costs is not None:
+            return float(costs.expert_cost[gone].sum() + costs.neuron_cost[k, n_removed].sum())
         return float(share[gone].sum() + (share[k] * mass[k, n_removed]).sum())
 
     while True:

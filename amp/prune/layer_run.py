@@ -24,6 +24,7 @@ from . import experts as moe_structures
 from .capture import _to, capture_layer_inputs
 from .config import PruneConfig
 from .keep import Cut, complement, kept_sets
+from .obs import PathRequest
 from .observe import Observation, observe_layer
 from .statistics import TokenMask
 
@@ -77,6 +78,8 @@ class PruneRun:
         self.refit = config.refit  # --compensate auto decides once the calibration set is read (decide_refit)
         self.compensation_errors: list[dict] = []
         self.calibration, self.pad_id, self.staging = None, 0, None
+        self.fisher = None  # per layer fisher.LayerFisher (the KL allocation)
+        self.held = None    # fisher.HeldOut: the held-back windows, moved on through every pruned layer
 
     def layer_args(self, index: int):
         """batch -> (args, kwargs) that layer `index` receives (its own mask and rotary tables), on the device."""
@@ -104,9 +107,12 @@ class PruneRun:
             self.offload = {"where": where, "why": why, "activation_bytes": act_bytes}
             return sum(int(m.sum()) for _, m in batches)
 
-    def layers(self, desc: str):
-        """Yields (index, resident layer); the layer always goes back (errors included)."""
-        for index in tqdm(range(len(self.source.layers)), desc=desc, unit="layer", disable=not self.progress):
+    def layers(self, desc: str, reverse: bool = False):
+        """Yields (index, resident layer), last first with `reverse`; the layer always goes back (errors
+        included)."""
+        order = range(len(self.source.layers))
+        for index in tqdm(reversed(order) if reverse else order, total=len(order), desc=desc, unit="layer",
+                          disable=not self.progress):
             with self.timer.phase("load"):
                 layer = self.source.load_layer(index, self.device, self.dtype)
             try:
@@ -118,9 +124,27 @@ class PruneRun:
             finally:
                 self.source.release_layer(index)
 
-    def observe(self, index: int, layer, sensitivity=None, gram: bool = False, dense: bool = True) -> Observation:
+    def path_request(self, index: int, cut: Cut | None = None, within=None) -> PathRequest | None:
+        """What the Gram-based paths of layer `index` must give (obs criterion, kl allocation): up to the cut, or
+        to the per-layer floor when the allocation is still to be decided; `within`: the KV groups that stay."""
+        if not self.config.paths:
+            return None
+        g, query = self.geom, self.config.heads == "query"
+        floor = lambda n: n - max(1, math.ceil(self.config.min_keep * n - 1e-9))  # noqa: E731
+        attention_units = g.num_heads if query and g.is_gqa else g.num_kv_heads
+        attention = floor(attention_units) if cut is None else cut.attention
+        neurons = 0 if self.moe_layers[index] else (floor(g.intermediate) if cut is None else cut.neurons)
+        return PathRequest(choose=self.config.criterion == "obs", query=query, attention=attention, neurons=neurons,
+                           refit=self.refit, damp=self.config.damp, bias=self.bias and self.refit,
+                           fisher=self.fisher[index] if self.fisher is not None else None,
+                           within_kv=within if query and g.is_gqa else None)
+
+    def observe(self, index: int, layer, sensitivity=None, gram: bool = False, dense: bool = True,
+                paths: bool = False, cut: Cut | None = None, within=None) -> Observation:
         """Scores (and what compensation needs) of resident layer `index`. `dense`: the store moves on to the
-        layer's dense outputs; a sequential prune passes False and moves it on after the cut (`propagate`)."""
+        layer's dense outputs; a sequential prune passes False and moves it on after the cut (`propagate`).
+        `paths`: observe through the Gram-based paths (obs, kl) up to `cut` (default: to the floor), keeping the
+        KV groups `within`."""
         if sensitivity is not None and self.moe_layers[index]:
             sensitivity = {**sensitivity, "moe": {"mode": self.config.moe, "min_keep": self.config.min_keep,
                                                   "config": self.model.config,
@@ -133,7 +157,8 @@ class PruneRun:
                                  self.masks, getattr(self.model.config, self.spec.act_key, None), self.generator,
                                  self.token_mask, sensitivity, gram=gram, propagate=dense,
                                  means=self.bias and not self.refit,  # bias+refit: the Gram's affine fit
-                                 moe=self.moe_layers[index])
+                                 moe=self.moe_layers[index],
+                                 paths=self.path_request(index, cut, within) if paths else None)
 
     def decide_refit(self, tokens: int) -> str | None:
         """--compensate auto: a refit when every refit projection gets enough calibration tokens per input
@@ -201,6 +226,9 @@ class PruneRun:
                 slicing.slice_mlp(layer, self.spec, g, keep.neurons)
         if self.config.sequential:
             self.propagate(index, layer, keep.shape(self.spec))
+        if self.held is not None:  # the held-back windows follow the pruned model (its divergence is measured)
+            with self.timer.phase("calibrate"), _pruned_view(layer, self.spec, self.model.config, keep.shape(self.spec)):
+                self.held.run_layer(index, layer)
         with self.timer.phase("write"):
             sink.put(index, layer)
         if self.probe:

@@ -16,6 +16,7 @@ import torch
 from ..arch import ArchSpec, Geometry
 from . import criteria
 from . import experts as moe_structures
+from . import obs as obs_paths
 from .config import MOMENT_CRITERIA
 from .criteria import removal_order
 from .statistics import TokenMask, statistics_hooks
@@ -40,6 +41,7 @@ class Observation:
     expert_neuron_scores: torch.Tensor | None = None   # (E, I)
     expert_tokens: torch.Tensor | None = None          # (E,)
     moe_error: dict[int, float] = field(default_factory=dict)  # position on the removal path -> relative change
+    expert_paths: object = None          # experts.ExpertPaths: measured costs of the MoE removal path (obs / kl)
 
     @property
     def is_moe(self) -> bool:
@@ -134,19 +136,22 @@ def _measure_moe(layer, spec: ArchSpec, geom: Geometry, batches, reference, obs:
 @torch.no_grad()
 def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_args, masks, hidden_act,
                   generator, token_mask: TokenMask, sensitivity: dict | None = None, gram: bool = False,
-                  propagate: bool = True, means: bool = False, moe: bool = False) -> Observation:
+                  propagate: bool = True, means: bool = False, moe: bool = False, paths=None) -> Observation:
     """Statistics and scores of one resident layer; with `propagate` the store's batches become the layer's
     (dense) outputs (a sequential prune propagates the pruned layer's outputs itself, after the cut).
     `sensitivity`: {"unit", "attention_max", "mlp_max"} to measure output-change curves as well;
     `gram`: the Gram matrices of the output projections' inputs (a refit); `means`: their means (a bias);
     `layer_args(b)`: batch b's (args, kwargs) for this layer, on the device; `moe`: its MLP is a mixture of
-    experts (sensitivity then carries "moe": {"mode", "min_keep", "config"} for its removal path)."""
+    experts (sensitivity then carries "moe": {"mode", "min_keep", "config"} for its removal path);
+    `paths` (obs.PathRequest): structured OBS chooses the structures (criterion obs) and/or the blocks' error
+    curves are computed from the Gram matrices (the KL allocation); they are dropped after unless `gram`."""
     kept_inputs = []
     stats = None
     if config.needs_calibration:
         tokens = 0
         moments = config.criterion in MOMENT_CRITERIA or means
-        with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments, gram, moe) as stats:
+        with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments, gram or paths is not None, moe,
+                              expert_grams=paths is not None and moe) as stats:
             for b in range(len(store)):
                 token_mask.set(masks[b])
                 x = store.get(b)
@@ -157,16 +162,27 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_ar
                 out = layer(x, *args, **kwargs)
                 if propagate:
                     store.put(b, out[0] if isinstance(out, tuple) else out)
-    head_s, neuron_s = criteria.scores(config.criterion, layer, spec, geom, stats, generator, moe)
+    chosen = config.criterion == "obs"
+    head_s, neuron_s = (None, torch.zeros(0) if moe else None) if chosen else \
+        criteria.scores(config.criterion, layer, spec, geom, stats, generator, moe)
     obs = Observation(head_s, neuron_s)
+    if paths is not None:
+        obs.head_scores, obs.neuron_scores, obs.attention_error, obs.mlp_error = obs_paths.layer_paths(
+            layer, spec, geom, stats, paths, head_s, neuron_s)
     if moe:
-        obs.expert_scores, obs.expert_neuron_scores = criteria.expert_scores(config.criterion, layer, spec, stats,
-                                                                             generator)
+        given = None if chosen else criteria.expert_scores(config.criterion, layer, spec, stats, generator)
+        if paths is not None:
+            obs.expert_scores, obs.expert_neuron_scores, obs.expert_paths = moe_structures.obs_paths(
+                layer, spec.moe, stats.experts, paths, stats.tokens, given)
+        else:
+            obs.expert_scores, obs.expert_neuron_scores = given
         n = obs.expert_scores.shape[0]
         obs.expert_tokens = stats.experts.tokens.cpu() if stats is not None else torch.zeros(n, dtype=torch.long)
+        if stats is not None:
+            stats.experts.grams = None
     if stats is not None and stats.o_moments is not None:
         obs.o_mean, obs.down_mean = stats.o_moments.mean.cpu(), stats.down_moments.mean.cpu()
-    if stats is not None and stats.o_gram is not None:
+    if stats is not None and stats.o_gram is not None and gram:
         obs.o_gram, obs.down_gram = stats.o_gram, stats.down_gram
     if sensitivity is not None and kept_inputs:
         measure_sensitivity(layer, spec, geom, kept_inputs, obs, sensitivity["unit"], sensitivity["attention_max"],

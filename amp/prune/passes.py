@@ -21,6 +21,7 @@ from ..runtime import per_layer
 from . import allocate, compensate
 from . import budget as budget_module
 from .config import PruneConfig
+from .fisher import HeldOut, fisher_pass
 from .keep import Cut, kept_sets, target_config
 from .layer_run import PruneRun
 
@@ -28,18 +29,25 @@ from .layer_run import PruneRun
 @torch.no_grad()
 def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tensor] | None = None,
                  pad_id: int = 0, timer: PhaseTimer | None = None, progress: bool = True, staging=None,
-                 probe=None) -> dict:
+                 probe=None, held_out: list[torch.Tensor] | None = None) -> dict:
     """Prunes every layer of `source` into `sink`; returns the keep sets, the plan and how it ran (the report's
     core). Uniform allocation of whole KV groups is one pass (every shape is known up front); any other
     allocation or single query heads observe every layer first, decide, then prune in a second pass.
-    `staging`: a folder for disk-offloaded activations; `probe(event)`: called while a layer is resident."""
+    `staging`: a folder for disk-offloaded activations; `probe(event)`: called while a layer is resident;
+    `held_out`: the windows the KL allocation measures on (default: the last --holdout calibration samples)."""
     run = PruneRun(source, config, timer or PhaseTimer(config.device), progress, probe)
     model, geom, spec = run.model, run.geom, run.spec
     layers = source.layers
+    outside = allocate.total_params(model) - allocate.blocks_params(layers)  # never pruned (embeddings, head)
     ratio = config.ratio if config.ratio is not None else allocate.ratio_for_iteration(model, layers, config.iteration)
-    the_plan = allocate.plan(model, layers, spec, geom, ratio, config.multiple_of)
+    the_plan = allocate.plan(model, layers, spec, geom, ratio, config.multiple_of, of_blocks=config.ratio_of == "blocks")
     if config.needs_calibration and not calibration:
         raise AmpError(f"criterion {config.criterion!r} needs calibration data")
+    if config.allocation == "kl" and not held_out:
+        if len(calibration) <= config.holdout:
+            raise AmpError(f"the kl allocation holds back {config.holdout} calibration samples (--holdout) to measure "
+                           f"on, and {len(calibration)} were given; give more samples or a smaller --holdout")
+        calibration, held_out = calibration[:-config.holdout], calibration[-config.holdout:]
     notes = []
     if config.criterion == "flap" and config.bias and not run.bias:
         notes.append(f"flap: {type(model).__name__} cannot load an output-projection bias in plain transformers, "
@@ -61,13 +69,17 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             with run.timer.phase("write"):
                 sink.begin(target)
             for index, layer in run.layers(f"pruning ({config.criterion})"):
-                obs = run.observe(index, layer, gram=run.refit, dense=not config.sequential)
-                kept.append(run.cut(index, layer, obs, sink, Cut(the_plan.attn_units_removed, the_plan.neurons_removed)))
+                cut = Cut(the_plan.attn_units_removed, the_plan.neurons_removed)
+                obs = run.observe(index, layer, gram=run.refit, dense=not config.sequential,
+                                  paths=config.criterion == "obs", cut=cut)
+                kept.append(run.cut(index, layer, obs, sink, cut))
         else:
-            target, kept, allocation = _two_passes(run, sink, the_plan)
+            target, kept, allocation = _two_passes(run, sink, the_plan, held_out)
     finally:
         if run.store is not None:
             run.store.close()
+        if run.held is not None:
+            run.held.close()
     with run.timer.phase("write"):
         params_after = sink.finish(target)
     mode = "+".join(m for m, on in (("bias", run.bias), ("refit", run.refit)) if on) or "none"
@@ -83,14 +95,16 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
         notes.append(comp["warning"])
     return {"plan": the_plan, "layers": kept, "notes": notes, "calibration_tokens": n_tokens, "compensation": comp,
             "geometry_before": geom, "geometry_after": Geometry.from_config(target, spec), "params_after": params_after,
+            "outside_params": outside,
             "offload": run.offload, "compute_dtype": dtype_name(run.dtype),
             "compute_dtype_why": run.dtype_why, "storage_dtype": dtype_name(source.storage_dtype),
             "allocation": allocation, "target_config": target}
 
 
-def _two_passes(run: PruneRun, sink, the_plan):
-    """Observe every layer (scores, and output-change curves for the sensitivity allocation), allocate the
-    budget over layers, then read each layer again and cut it."""
+def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
+    """Observe every layer (scores, and output-change curves for the sensitivity allocation, or Gram-based error
+    curves weighted by the output Fisher for the KL allocation), allocate the budget over layers, then read each
+    layer again and cut it."""
     config, geom = run.config, run.geom
     query = config.heads == "query"
     layers = run.source.layers
@@ -103,7 +117,11 @@ def _two_passes(run: PruneRun, sink, the_plan):
         sensitivity = {"unit": "query" if query and geom.is_gqa else "group",
                        "attention_max": floor(geom.num_heads if query and geom.is_gqa else geom.num_kv_heads),
                        "mlp_max": floor(geom.intermediate)}
-    observations = [run.observe(index, layer, sensitivity) for index, layer in run.layers("observing")]
+    if config.allocation == "kl":  # the yardstick first: two reads of every layer over the held-back windows
+        run.held = HeldOut(run, held_out)
+        run.fisher = fisher_pass(run, run.held, config.seed)
+    observations = [run.observe(index, layer, sensitivity, paths=config.paths)
+                    for index, layer in run.layers("observing")]
     uniform_groups = config.allocation == "uniform" and not query and run.spec.moe is None
     budget = the_plan.params_removed_per_layer * len(observations) if uniform_groups \
         else round(the_plan.target_ratio * the_plan.total_params)
@@ -129,11 +147,16 @@ def _two_passes(run: PruneRun, sink, the_plan):
     again = config.sequential or run.refit
     if again:
         run.capture(run.calibration, run.pad_id, run.staging)
+    if run.held is not None:
+        run.held.capture()
     kept = []
     for index, layer in run.layers(f"pruning ({config.criterion}, {config.allocation})"):
         obs, within = observations[index], None
         if again:
-            fresh = run.observe(index, layer, gram=run.refit, dense=not config.sequential)
+            # structured OBS chooses again on the pruned prefix's outputs, within the allocated shapes
+            fresh = run.observe(index, layer, gram=run.refit, dense=not config.sequential,
+                                paths=config.criterion == "obs" and config.sequential, cut=removed[index],
+                                within=kept_kv[index])
             if config.sequential:  # re-ranked on the pruned prefix's outputs, within the allocated shapes
                 obs, within = fresh, (kept_kv[index] if query and geom.is_gqa else None)
             else:
@@ -144,4 +167,9 @@ def _two_passes(run: PruneRun, sink, the_plan):
         for shape, entry in zip(shapes, kept):
             shape["head_map"] = entry["head_map"]
         target = per_layer.per_layer_config(base, shapes)
+    if run.held is not None:
+        with run.timer.phase("calibrate"):
+            inputs["heldout_kl"] = {"measured": float(f"{run.held.kl():.4g}"),
+                                    "predicted": inputs.get("predicted_kl_total"),
+                                    "samples": len(run.held.samples), "tokens": run.held.tokens}
     return target, kept, {**inputs, "heads": config.heads}

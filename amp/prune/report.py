@@ -17,11 +17,14 @@ def prune_report(source, sink, config: PruneConfig, calibration, result: dict, b
     after = result["params_after"]
     plan, g0, g1 = result["plan"], result["geometry_before"], result["geometry_after"]
     varies = "per layer" if per_layer.entries(result["target_config"]) else None
+    blocks = blocks_summary(source, result, before, after)
     report = {
         "model_class": type(source.model).__name__,
         "criterion": config.criterion,
         "ratio_target": plan.target_ratio,
+        "ratio_of": config.ratio_of,
         "ratio_achieved": (before - after) / before,
+        "blocks": blocks,
         "iteration": config.iteration,
         "params_before": before,
         "params_after": after,
@@ -33,7 +36,7 @@ def prune_report(source, sink, config: PruneConfig, calibration, result: dict, b
             "attention_units_removed_ideal": plan.ideal_attn_units_removed,
             "params_removed": plan.params_removed_per_layer,
         },
-        "notes": notes(plan, g0, config) + result["notes"],
+        "notes": notes(plan, g0, config) + blocks_notes(config, plan, blocks) + result["notes"],
         "allocation": result["allocation"],
         "compensation": result["compensation"],
         "calibration": {
@@ -61,6 +64,51 @@ def prune_report(source, sink, config: PruneConfig, calibration, result: dict, b
                                                      result["calibration_tokens"], config.moe)
         report["notes"] = [n for n in report["notes"] if "only MLP neurons were pruned" not in n] + more
     return report
+
+
+def blocks_summary(source, result: dict, before: int, after: int) -> dict:
+    """What the prune cost the decoder blocks (a whole-model ratio spends its budget there only): their
+    parameters before and after, the share of the model outside them (embeddings, lm_head, final norm), and per
+    layer the share of its attention's and its MLP's (or experts') parameters removed."""
+    layers = source.layers
+    g0 = result["geometry_before"]
+    spec = per_layer_spec(source)
+    dense = [i for i, entry in enumerate(result["layers"]) if "kept_neurons" in entry]
+    units = allocate.unit_params(layers[dense[0] if dense else 0], spec, g0, moe=not dense)
+    attention = g0.num_heads * units.query_head + g0.num_kv_heads * units.kv_head
+    shares = []
+    for entry in result["layers"]:
+        kept_attn = len(entry["kept_heads"]) * units.query_head + len(entry["kept_kv_heads"]) * units.kv_head
+        if "kept_neurons" in entry:
+            mlp = 1 - len(entry["kept_neurons"]) / g0.intermediate
+        else:
+            mlp = 1 - sum(len(n) for n in entry["kept_expert_neurons"]) / (g0.num_experts * g0.expert_intermediate)
+        shares.append({"attention": round(1 - kept_attn / attention, 4), "mlp": round(mlp, 4)})
+    outside = result["outside_params"]
+    blocks_before, blocks_after = before - outside, after - outside
+    return {"params_before": blocks_before, "params_after": blocks_after,
+            "ratio_achieved": (blocks_before - blocks_after) / blocks_before,
+            "outside_share": round(outside / before, 4), "removed_per_layer": shares}
+
+
+def per_layer_spec(source):
+    from ..arch import spec_for
+    return spec_for(source.model)
+
+
+def blocks_notes(config: PruneConfig, plan: allocate.Plan, blocks: dict) -> list[str]:
+    """A whole-model ratio never silently means more of each block: say what it cost them."""
+    if config.ratio_of != "model" or config.ratio is None:
+        return []
+    attention = [s["attention"] for s in blocks["removed_per_layer"]]
+    mlp = [s["mlp"] for s in blocks["removed_per_layer"]]
+    span = lambda v: f"{v[0]:.0%}" if max(v) - min(v) < 0.005 else f"{min(v):.0%}-{max(v):.0%}"  # noqa: E731
+    every = " in every layer" if max(attention) - min(attention) < 0.005 and max(mlp) - min(mlp) < 0.005 else \
+        " across layers"
+    return [f"--ratio {plan.target_ratio:g} counts the whole model, of which {blocks['outside_share']:.0%} (embeddings, "
+            f"lm_head, norms) is never pruned: the decoder blocks lost {blocks['ratio_achieved']:.1%} of their "
+            f"parameters, attention {span(attention)} and MLP {span(mlp)}{every}"
+            + ("; --ratio-of blocks counts the ratio against the blocks" if blocks["outside_share"] >= 0.05 else "")]
 
 
 def notes(plan: allocate.Plan, geom, config: PruneConfig) -> list[str]:

@@ -100,9 +100,10 @@ def _fused_mlp_forward(mlp_in, down, kernel, stats: "LayerStats", token_mask: To
 
 @contextmanager
 def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, token_mask: TokenMask,
-                     hidden_act: str | None = None, moments: bool = False, gram: bool = False, moe: bool = False):
+                     hidden_act: str | None = None, moments: bool = False, gram: bool = False, moe: bool = False,
+                     expert_grams: bool = False):
     """`moe`: the layer's MLP is a mixture of experts (its statistics come from experts.expert_statistics; the
-    moments and Gram matrices then cover the output projection only)."""
+    moments and Gram matrices then cover the output projection only; `expert_grams`: each expert's Gram too)."""
     device = next(layer.parameters()).device
     width = 0 if moe else geom.intermediate
     stats = LayerStats(torch.zeros(geom.num_heads, dtype=torch.float32, device=device),
@@ -139,7 +140,7 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
 
     handles = [o_proj.register_forward_pre_hook(on_o_input)]
     if moe:
-        with moe_structures.expert_statistics(layer, spec.moe, geom, token_mask) as stats.experts:
+        with moe_structures.expert_statistics(layer, spec.moe, geom, token_mask, expert_grams) as stats.experts:
             try:
                 yield stats
             finally:

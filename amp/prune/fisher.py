@@ -1,0 +1,181 @@
+"""The KL allocation's yardstick: how far the model's next-token distribution moves per unit of error at each
+output projection, measured on held-back calibration windows, and the divergence the pruned model reaches there.
+
+Second order: a small change d of what a projection writes (o_proj, down_proj, a mixture's experts) moves the KL
+divergence of the model's output from the dense one by about 1/2 d^T F d, F the Fisher of the output distribution
+with respect to that projection's output. Its diagonal, averaged over tokens (one float per output channel),
+weighs the structured-OBS error (prune/obs.py), so that the errors of every layer and module are in one unit,
+predicted nats of KL per token, and one budget solve compares them. F is estimated the usual way: next tokens
+sampled from the dense model's own distribution, the gradient of their log-likelihood, squared.
+
+Streaming, as the prune: a forward pass over the held-back windows keeps each layer's input (tokens x hidden per
+layer: on the host, or memory-mapped in the staging folder when large), then a backward pass reads the layers
+again, last first, re-runs each on its input with gradients and hands the gradient to the layer before. One layer
+is resident at a time; the cost is two more reads of every layer and three forward passes' worth of compute over
+the held-back tokens (by default 8 windows, an eighth of the calibration set)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..io.activations import ActivationStore, choose_offload
+from ..io.calibration import make_batches
+from .capture import _to, capture_layer_inputs
+
+
+@dataclass
+class LayerFisher:
+    """Per output channel, the mean over held-back tokens of the squared gradient of the sampled log-likelihood
+    with respect to what the attention's output projection (o) and the MLP or experts (mlp) write."""
+    o: torch.Tensor
+    mlp: torch.Tensor
+
+
+def logits_of(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own head on last hidden states: final norm, lm_head, soft-capping where the family has it."""
+    norm = getattr(model.model, "norm", None) or model.model.final_layernorm
+    logits = model.lm_head(norm(hidden)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class HeldOut:
+    """The held-back windows as they go through the layers: their hidden states (a small activation store), every
+    layer's other arguments, and the dense model's last hidden states once a dense pass has run."""
+
+    def __init__(self, run, samples: list[torch.Tensor]):
+        self.run, self.samples = run, samples
+        self.batches = make_batches(samples, run.config.batch_size, run.pad_id)
+        self.masks = [None if bool(m.all()) else m.bool().to(run.device) for _, m in self.batches]
+        self.tokens = sum(int(m.sum()) for _, m in self.batches)
+        self.shapes = [(ids.shape[0], ids.shape[1], run.geom.hidden) for ids, _ in self.batches]
+        self.store, self.inputs, self.dense_final = None, None, None
+
+    def capture(self) -> None:
+        """The embeddings of the held-back windows, what layer 0 receives (again: a new pass starts)."""
+        run = self.run
+        if self.store is not None:
+            self.store.close()
+        where = "device" if run.offload["where"] == "device" else "host"
+        self.store = ActivationStore(self.shapes, run.dtype, where, run.device)
+        home = run.device if where == "device" else torch.device("cpu")
+        self.inputs = capture_layer_inputs(run.source, self.batches, run.device, run.dtype, self.store, home)
+
+    def args(self, index: int, b: int):
+        extra = self.inputs.get(b, index)
+        return extra if self.store.where == "device" else _to(extra, self.run.device)
+
+    def run_layer(self, index: int, layer) -> None:
+        """Moves the store on through a resident layer (dense, or pruned inside the caller's view)."""
+        for b in range(len(self.store)):
+            args, kwargs = self.args(index, b)
+            out = layer(self.store.get(b), *args, **kwargs)
+            self.store.put(b, out[0] if isinstance(out, tuple) else out)
+
+    def kl(self) -> float:
+        """Mean over held-back tokens of KL(dense || pruned) of the next-token distributions, from the dense last
+        hidden states kept by the Fisher pass and the store's (the pruned model's)."""
+        run, total = self.run, 0.0
+        with run.source.embeddings(run.device, head=True):
+            for b in range(len(self.store)):
+                dense = torch.log_softmax(logits_of(run.model, self.dense_final[b].to(run.device)), -1)
+                pruned = torch.log_softmax(logits_of(run.model, self.store.get(b)), -1)
+                per_token = (dense.exp() * (dense - pruned)).sum(-1)
+                total += float(per_token[self.masks[b]].sum() if self.masks[b] is not None else per_token.sum())
+        return total / max(self.tokens, 1)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+@contextmanager
+def _output_grads(layer, spec, moe: bool, sums: dict):
+    """Forward hooks on the modules whose outputs the structures write (o_proj; down_proj or the experts) that
+    add the squared gradient of their output, per channel, into `sums` during the backward pass."""
+    modules = {"o": spec.get(layer, spec.o),
+               "mlp": layer.get_submodule(spec.moe.experts) if moe else spec.get(layer, spec.down)}
+    handles = []
+    for key, module in modules.items():
+        def hook(_m, _args, out, key=key):
+            out = out[0] if isinstance(out, tuple) else out
+            if out.requires_grad:
+                out.register_hook(lambda g: sums.__setitem__(key, sums.get(key, 0) +
+                                                                 g.float().square().reshape(-1, g.shape[-1]).sum(0)))
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fisher_pass(run, held: HeldOut, seed: int) -> list[LayerFisher]:
+    """Per layer, the diagonal output Fisher of its attention and MLP outputs (see the module's docstring); keeps
+    the dense last hidden states in `held` for the divergence measured after the prune."""
+    layers = run.source.layers
+    n, nb = len(layers), len(held.batches)
+    held.capture()
+    elt = torch.empty((), dtype=run.dtype).element_size()
+    total = n * sum(a * b * c for a, b, c in held.shapes) * elt
+    where, _ = choose_offload("auto" if run.staging is not None else "host", total, torch.device("cpu"), 0)
+    inputs = ActivationStore(held.shapes * n, run.dtype, where, torch.device("cpu"), run.staging)
+    try:
+        for index, layer in run.layers("KL yardstick: forward"):
+            with run.timer.phase("calibrate"):
+                for b in range(nb):
+                    inputs.put(index * nb + b, held.store.get(b))
+                held.run_layer(index, layer)
+        held.dense_final = [held.store.get(b).cpu() for b in range(nb)]
+        grads = _head_grads(run, held, seed)
+        sums = [dict() for _ in range(n)]
+        for index, layer in run.layers("KL yardstick: backward", reverse=True):
+            with run.timer.phase("calibrate"), _no_param_grads(layer), torch.enable_grad(), \
+                    _output_grads(layer, run.spec, run.moe_layers[index], sums[index]):
+                for b in range(nb):
+                    x = inputs.get(index * nb + b).detach().requires_grad_(True)
+                    args, kwargs = held.args(index, b)
+                    out = layer(x, *args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    out.backward(grads[b])
+                    grads[b] = x.grad.detach()
+    finally:
+        inputs.close()
+    zero = torch.zeros(run.geom.hidden)
+    return [LayerFisher(o=(s.get("o", zero) / max(held.tokens, 1)).cpu(),
+                        mlp=(s.get("mlp", zero) / max(held.tokens, 1)).cpu()) for s in sums]
+
+
+@contextmanager
+def _no_param_grads(layer):
+    """Gradients flow to the inputs only, never into the weights."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _head_grads(run, held: HeldOut, seed: int) -> list[torch.Tensor]:
+    """Per batch, the gradient of the log-likelihood of next tokens sampled from the dense model's own
+    distribution, with respect to the last hidden states (padding positions carry no loss); one sequence at a
+    time, so that the logits of one sequence are the largest tensor."""
+    gen = torch.Generator(device=run.device).manual_seed(seed)
+    grads = []
+    with run.source.embeddings(run.device, head=True), _no_param_grads(run.model), torch.enable_grad():
+        for b in range(len(held.batches)):
+            h = held.store.get(b).detach().requires_grad_(True)
+            for row in range(h.shape[0]):
+                logp = torch.log_softmax(logits_of(run.model, h[row]), -1)
+                sampled = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                picked = logp.gather(1, sampled).squeeze(1)
+                if held.masks[b] is not None:
+                    picked = picked * held.masks[b][row]
+                picked.sum().backward()
+            grads.append(h.grad.detach())
+    return grads

@@ -1,0 +1,260 @@
+"""Structured OBS (ZipLM / structured OBC / SlimGPT): which structures of a layer go is chosen by the
+reconstruction error their removal leaves, from the Gram matrix G of the output projection's input, greedily,
+with the inverse-Gram update of the kept columns after every removal; the exact refit follows (compensate.refit).
+
+For a projection W (out x n) and the damped Gram H = G + lam I (lam = damp x mean diag G, the damping the refit
+uses), removing the columns C and refitting the rest by least squares leaves the error
+    E(C) = tr(W_C ([H^-1]_CC)^-1 W_C^T),
+and afterwards the kept columns and H^-1 are updated (W -= W_C ([H^-1]_CC)^-1 [H^-1]_C:, H^-1 likewise), so that
+the next choice is made against the refit weights. A structure owns several columns (a query head: head_dim; a KV
+group: its query heads' columns), a neuron one. The sum of the step errors is the error the refit leaves after
+all removals: so a path is also each block's error curve, which the KL allocation weighs across layers.
+
+`row_weights` weigh the output channels in the error (the diagonal Fisher of the model's output with respect to
+the projection's output, prune/fisher.py): the choice then minimizes a second-order estimate of the divergence
+from the dense model instead of the plain output error. The refit itself is row by row, so weights leave it as is.
+
+Without a refit (the experts of a mixture, which are not refit) the error of removing C is the plain quadratic
+form tr(W_C G_CC W_C^T), and `plain_path` chooses greedily by its increase.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Removal steps per path: a neuron path moves in batches of n / STEPS columns (the ones with the least error,
+# then one joint update); measured on SmolLM2's down_proj, finer batches change the chosen sets by a few neurons.
+STEPS = 256
+
+
+@dataclass
+class Path:
+    """Structures in the order they go (indices of groups of columns) and the cumulative error after each
+    removal (errors[0] = 0, errors[k] = the error left after the first k)."""
+    order: list[int]
+    errors: list[float]
+
+    def scores(self, groups: int) -> torch.Tensor:
+        """Rank scores (higher = more important): the k-th removed gets k, the structures never removed get
+        `groups` (ties broken by index, as everywhere), so that the engine's keep sets follow the path."""
+        s = torch.full((groups,), float(groups))
+        s[torch.tensor(self.order, dtype=torch.long)] = torch.arange(len(self.order), dtype=torch.float32)
+        return s
+
+
+def damped(matrix: torch.Tensor, damp: float) -> torch.Tensor:
+    """G + lam I with lam = damp x mean diag G (compensate.refit's damping), fp64."""
+    g = matrix.double()
+    lam = damp * float(torch.diagonal(g).mean())
+    return g + torch.eye(g.shape[0], dtype=g.dtype, device=g.device) * max(lam, 1e-12)
+
+
+def _inverse(h: torch.Tensor) -> torch.Tensor:
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0:
+        return torch.cholesky_inverse(chol)
+    return torch.linalg.pinv(h, hermitian=True)
+
+
+def _cols(groups: torch.Tensor, width: int) -> torch.Tensor:
+    return (groups[:, None] * width + torch.arange(width, device=groups.device)[None, :]).reshape(-1)
+
+
+def _allowed(alive: torch.Tensor, families: torch.Tensor | None, protect: torch.Tensor | None) -> torch.Tensor:
+    """Groups that may go next: alive, and not the last alive member of a protected family."""
+    if families is None or protect is None:
+        return alive
+    left = torch.zeros(int(families.max()) + 1, dtype=torch.long, device=alive.device)
+    left.index_add_(0, families, alive.long())
+    last = alive & protect[families] & (left[families] <= 1)
+    return alive & ~last
+
+
+def refit_path(weight: torch.Tensor, h: torch.Tensor, width: int, count: int, *, order=None, forced=(),
+               row_weights: torch.Tensor | None = None, step: int = 1, families: torch.Tensor | None = None,
+               protect: torch.Tensor | None = None, groups: int | None = None) -> Path:
+    """The first `count` groups of `width` columns of `weight` (out, n) to remove, greedily by the error the refit
+    leaves under the damped Gram `h` (n, n). `order`: remove in this order instead (a path along another
+    criterion's ranking); `forced`: groups that go first, in this order; `step`: groups removed per update (their
+    joint error is exact, its split among them proportional to their own errors); `families`, `protect`: a group's
+    family, and the families that must keep one alive member (the kept KV groups of single query heads);
+    `groups`: how many groups the leading columns form (default: all columns; more columns are never removed)."""
+    dev = h.device
+    w = weight.detach().to(dev, torch.float64, copy=True)  # updated in place below
+    if row_weights is not None:
+        w = w * row_weights.to(dev, torch.float64).clamp_min(0).sqrt()[:, None]
+    hinv = _inverse(h.double())
+    groups = groups or w.shape[1] // width
+    alive = torch.ones(groups, dtype=torch.bool, device=dev)
+    forced = [int(g) for g in forced]
+    queue = [int(g) for g in order if int(g) not in forced] if order is not None else []
+    out_order, errors = [], [0.0]
+    while len(out_order) < count:
+        if forced:                       # one at a time: a forced removal's error is its own
+            chosen, own = [forced.pop(0)], torch.ones(1, dtype=torch.float64)
+        elif order is not None:
+            if not queue:
+                break
+            chosen = [queue.pop(0) for _ in range(min(step, count - len(out_order), len(queue)))]
+            own = torch.ones(len(chosen), dtype=torch.float64)
+        else:
+            candidates = _allowed(alive, families, protect).nonzero().flatten()
+            if len(candidates) == 0:
+                break
+            cost = _group_costs(w, hinv, candidates, width)
+            m = min(step, count - len(out_order), len(candidates))
+            if families is not None and protect is not None:
+                m = 1  # one at a time where a removal can change what may go next
+            best = torch.topk(cost, m, largest=False).indices
+            chosen = candidates[best].tolist()
+            own = cost[best].cpu()
+        cols = _cols(torch.tensor(chosen, device=dev), width)
+        err = _remove(w, hinv, cols)
+        alive[torch.tensor(chosen, device=dev)] = False
+        share = own.clamp_min(0)
+        share = share / share.sum() if float(share.sum()) > 0 else torch.full_like(share, 1 / len(share))
+        for g, part in zip(chosen, share.tolist()):
+            out_order.append(g)
+            errors.append(errors[-1] + err * part)
+    return Path(out_order, errors)
+
+
+def _group_costs(w: torch.Tensor, hinv: torch.Tensor, candidates: torch.Tensor, width: int) -> torch.Tensor:
+    """E(group) = tr(W_g ([H^-1]_gg)^-1 W_g^T) for every candidate group."""
+    if width == 1:
+        d = torch.diagonal(hinv)[candidates].clamp_min(1e-30)
+        return w[:, candidates].square().sum(0) / d
+    cols = _cols(candidates, width).view(len(candidates), width)
+    blocks = hinv[cols[:, :, None], cols[:, None, :]]                      # (g, width, width)
+    inv = torch.linalg.inv(blocks)
+    wg = w[:, cols]                                                        # (out, g, width)
+    return torch.einsum("oga,gab,ogb->g", wg, inv, wg)
+
+
+def _remove(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> float:
+    """Removes columns `cols` jointly: returns their error and updates the kept columns and H^-1 in place (the
+    removed rows and columns of H^-1 become those of the identity, so that they never count again)."""
+    block = hinv[cols][:, cols]
+    inv = torch.linalg.inv(block)
+    wc = w[:, cols]
+    err = float(torch.einsum("oa,ab,ob->", wc, inv, wc))
+    rows = hinv[cols]                                                      # (c, n)
+    w.addmm_(wc @ inv, rows, alpha=-1.0)
+    hinv.addmm_(rows.T, inv @ rows, alpha=-1.0)
+    w.index_fill_(1, cols, 0.0)
+    hinv.index_fill_(0, cols, 0.0)
+    hinv.index_fill_(1, cols, 0.0)
+    hinv[cols, cols] = 1.0
+    return max(err, 0.0)
+
+
+def plain_path(weight: torch.Tensor, g: torch.Tensor, width: int, count: int, *, order=None,
+               row_weights: torch.Tensor | None = None) -> Path:
+    """As refit_path, for a projection that is not refit: the error of removing columns C is tr(W_C G_CC W_C^T);
+    greedily, the group whose removal adds the least goes next."""
+    dev = g.device
+    w = weight.detach().to(dev, torch.float64, copy=True)  # updated in place below
+    if row_weights is not None:
+        w = w * row_weights.to(dev, torch.float64).clamp_min(0).sqrt()[:, None]
+    m = (w.T @ w) * g.double()                                             # (n, n)
+    groups = m.shape[0] // width
+    if width > 1:
+        m = m.view(groups, width, groups, width).sum(dim=(1, 3))
+    marginal = torch.diagonal(m).clone()
+    alive = torch.ones(groups, dtype=torch.bool, device=dev)
+    queue = [int(x) for x in order] if order is not None else None
+    out_order, errors = [], [0.0]
+    for _ in range(min(count, groups)):
+        if queue is not None:
+            j = queue.pop(0)
+        else:
+            j = int(torch.where(alive, marginal, torch.full_like(marginal, float("inf"))).argmin())
+        errors.append(errors[-1] + max(float(marginal[j]), 0.0))
+        out_order.append(j)
+        alive[j] = False
+        marginal += 2 * m[:, j]
+    return Path(out_order, errors)
+
+
+# ---------------------------------------------------------------- one layer's paths (the criterion and its curves)
+
+
+@dataclass
+class PathRequest:
+    """What one resident layer's paths must give: how far they go, along what, and in what unit."""
+    choose: bool                   # structured OBS chooses the order (the `obs` criterion); else along the scores
+    query: bool                    # single query heads (GQA) rather than whole KV groups
+    attention: int                 # attention structures the path reaches (query heads or KV groups)
+    neurons: int                   # MLP neurons it reaches
+    refit: bool                    # errors after the refit; else the plain error of removing (no compensation)
+    damp: float
+    bias: bool = False             # the refit is affine (bias+refit): the constant channel is kept and undamped
+    fisher: object = None          # fisher.LayerFisher: errors weighted into predicted KL (nats per token)
+    within_kv: torch.Tensor | None = None  # single query heads after an allocation: the KV groups that stay
+
+
+def _hessian(gram, damp: float, bias: bool) -> torch.Tensor:
+    """The damped Gram that compensate.refit solves with: G + lam I, or with the bias, the Gram of [x; 1] with
+    the constant channel undamped."""
+    if not bias:
+        return damped(gram.matrix, damp)
+    g = gram.augmented().double()
+    lam = damp * float(torch.diagonal(gram.matrix).mean())
+    diag = torch.full((g.shape[0],), max(lam, 1e-12), dtype=g.dtype, device=g.device)
+    diag[-1] = 0.0
+    return g + torch.diag(diag)
+
+
+def _path(weight, gram, width: int, count: int, request: PathRequest, rows, order=None, **constraints) -> Path:
+    if not request.refit:
+        return plain_path(weight, gram.matrix, width, count, order=order, row_weights=rows)
+    h = _hessian(gram, request.damp, request.bias)
+    w = weight.detach()
+    if request.bias:  # [W, 0]: the constant channel belongs to no structure, so it is never removed
+        w = torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1)
+    step = 1 if width > 1 else max(1, weight.shape[1] // STEPS)
+    return refit_path(w, h, width, count, order=order, row_weights=rows, step=step,
+                      groups=weight.shape[1] // width, **constraints)
+
+
+def _curve(path: Path, tokens: int, weighted: bool) -> dict[int, float]:
+    """k removed -> error per calibration token (x 1/2 with Fisher weights: predicted KL in nats per token)."""
+    scale = (0.5 if weighted else 1.0) / max(tokens, 1)
+    return {k: e * scale for k, e in enumerate(path.errors) if k}
+
+
+def layer_paths(layer, spec, geom, stats, request: PathRequest, head_scores=None, neuron_scores=None):
+    """(head scores, neuron scores, attention curve, MLP curve) of a resident layer from its Gram statistics.
+    With `request.choose` the scores are structured OBS's ranks; else the given scores are kept and the curves
+    follow their removal order. A mixture-of-experts layer has no dense MLP path here (see experts.py)."""
+    from .criteria import group_scores, removal_order
+    d, g_size = geom.head_dim, geom.group_size
+    fisher = request.fisher
+    o_rows = fisher.o if fisher is not None else None
+    o_weight = spec.get(layer, spec.o).weight
+    if request.query and geom.is_gqa:
+        families = torch.arange(geom.num_heads) // g_size
+        constraints = {}
+        if request.within_kv is not None:
+            stay = torch.zeros(geom.num_kv_heads, dtype=torch.bool)
+            stay[request.within_kv] = True
+            constraints = dict(forced=[h for h in range(geom.num_heads) if not stay[h // g_size]],
+                               families=families.to(stats.o_gram.matrix.device),
+                               protect=stay.to(stats.o_gram.matrix.device))
+        order = None if request.choose else removal_order(head_scores).tolist()
+        path = _path(o_weight, stats.o_gram, d, request.attention, request, o_rows, order, **constraints)
+        heads = path.scores(geom.num_heads) if request.choose else head_scores
+    else:
+        order = None if request.choose else removal_order(group_scores(head_scores, geom)).tolist()
+        path = _path(o_weight, stats.o_gram, d * g_size, request.attention, request, o_rows, order)
+        heads = path.scores(geom.num_kv_heads).repeat_interleave(g_size) if request.choose else head_scores
+    attention_curve = _curve(path, stats.tokens, fisher is not None)
+    if stats.down_gram is None:
+        return heads, neuron_scores, attention_curve, {}
+    down = spec.get(layer, spec.down).weight
+    order = None if request.choose else removal_order(neuron_scores).tolist()
+    path = _path(down, stats.down_gram, 1, request.neurons, request, fisher.mlp if fisher is not None else None,
+                 order)
+    neurons = path.scores(geom.intermediate) if request.choose else neuron_scores
+    return heads, neurons, attention_curve, _curve(path, stats.tokens, fisher is not None)
