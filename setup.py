@@ -5,7 +5,9 @@ setup(
     version="0.4.0",
     description="AMP structured pruning (attention heads and MLP neurons) for decoder-only LLMs",
     packages=find_packages(include=["amp", "amp.*", "amp_kernels", "amp_kernels.*"]),
-    package_data={"amp": ["resources/*.json", "resources/*.jsonl", "resources/*.py"]},
+    package_data={"amp": ["resources/*.json", "resources/*.jsonl", "resources/*.py",
+                          # the vLLM plugin, a package of its own that `amp export --format vllm` points to
+                          "export/vllm_plugin/pyproject.toml", "export/vllm_plugin/amp_vllm/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<3",

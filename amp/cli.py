@@ -97,7 +97,8 @@ def _prune_parser(sub):
                         "when calibration data is used); --no-sequential: on the dense model's outputs, as the "
                         "paper does")
     p.add_argument("--export", default=None, choices=sorted(FORMATS),
-                   help="then export the result for a serving engine (decilm: vLLM / SGLang / TensorRT-LLM; gguf: "
+                   help="then export the result for a serving engine (vllm: vLLM, every family; decilm: vLLM / SGLang / "
+                        "TensorRT-LLM; gguf: "
                         "llama.cpp) into --export-out (default OUT-FORMAT)")
     p.add_argument("--export-out", default=None, help="where --export writes (default: OUT-decilm / OUT-gguf)")
     p.add_argument("--recover", action="store_true",
@@ -142,10 +143,11 @@ def _servable(folder: str, backend: str, stack: contextlib.ExitStack, quiet: boo
     config = Path(folder) / "config.json"
     if backend != "vllm" or not config.is_file() or "amp_per_layer" not in json.loads(config.read_text()):
         return folder
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="amp-eval-"))) / "decilm"
-    report = export_checkpoint(folder, "decilm", tmp, progress=not quiet)
-    print(f"note: {folder} is a per-layer result; vLLM evaluates its DeciLM export ({report['zero_query_heads']} "
-          f"zero query heads padded in, {report['padding_share']:.2%} parameters)")
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="amp-eval-"))) / "vllm"
+    report = export_checkpoint(folder, "vllm", tmp, progress=not quiet)
+    form = "DeciLM" if report["vllm_form"] == "decilm" else "amp-vllm plugin"
+    print(f"note: {folder} is a per-layer result; vLLM evaluates its --format vllm export ({form} form, "
+          f"{report['zero_query_heads']} zero query heads padded in, {report['padding_share']:.2%} parameters)")
     return str(tmp)
 
 
@@ -227,8 +229,9 @@ def _recover_config(args, prefix: str = ""):
 
 
 def _export_parser(sub):
-    p = sub.add_parser("export", help="write a model folder in the form a serving engine loads (DeciLM for vLLM, "
-                                      "SGLang, TensorRT-LLM; GGUF for llama.cpp)")
+    p = sub.add_parser("export", help="write a model folder in the form a serving engine loads (vllm: a plain "
+                                      "checkpoint, DeciLM or the amp-vllm plugin's form; decilm: vLLM, SGLang, "
+                                      "TensorRT-LLM; gguf: llama.cpp)")
     p.add_argument("model_dir")
     p.add_argument("--format", required=True, choices=sorted(FORMATS))
     p.add_argument("--out", required=True, help="output folder (appears only when complete)")
@@ -243,7 +246,11 @@ def _print_export(report: dict, out) -> None:
           f"({report['padding_share']:.2%} of the model)")
     for note in report["notes"]:
         print(f"note: {note}")
-    how = {"decilm": f"vllm serve {out} --trust-remote-code", "gguf": f"llama-cli -m {out}/model.gguf"}
+    form = report.get("vllm_form")
+    how = {"decilm": f"vllm serve {out} --trust-remote-code", "gguf": f"llama-cli -m {out}/model.gguf",
+           "vllm": f"vllm serve {out}" + (" --trust-remote-code" if form == "decilm" else "")}
+    if form == "plugin":
+        print(f"install the vLLM plugin into vLLM's environment once: {report['plugin_install']}")
     print(f"serve it: {how[report['format']]}")
 
 

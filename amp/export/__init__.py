@@ -12,11 +12,12 @@ from tqdm.auto import tqdm
 
 from ..common.errors import AmpError
 from ..io import folders
-from . import decilm, gguf
+from . import decilm, gguf, vllm
 from .source import ExportSource
 
 FORMATS = {"decilm": (decilm, "DeciLM block_configs (vLLM, SGLang, TensorRT-LLM)"),
-           "gguf": (gguf, "GGUF deci (llama.cpp)")}
+           "gguf": (gguf, "GGUF (llama.cpp)"),
+           "vllm": (vllm, "vLLM (a plain checkpoint, DeciLM, or the amp-vllm plugin's per-layer form)")}
 MATERIAL = 0.01   # padding above this share of the pruned model's parameters is named in a note
 REPORT = "export_report.json"
 
@@ -28,7 +29,7 @@ def export_checkpoint(folder, fmt: str, out, *, overwrite: bool = False, progres
         raise AmpError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     module, what = FORMATS[fmt]
     folders.check_output(out, overwrite)
-    source = ExportSource(folder, module.SUPPORTED, what)
+    source = ExportSource(folder, module.SUPPORTED, what, getattr(module, "WHY", ""))
     module.check(source)
     start = time.perf_counter()
 

@@ -21,6 +21,8 @@ from .padding import layout_for, padding_cost
 from .source import ExportSource
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+WHY = ("it describes LLaMA-style layers (separate q/k/v/o, SwiGLU gate/up/down, RMSNorm, no per-head norms); "
+       "--format vllm serves every family")
 CONFIG_CODE = Path(__file__).resolve().parents[1] / "resources" / "configuration_decilm.py"
 _DROP = ("amp_per_layer", "architectures", "model_type", "auto_map", "num_key_value_heads", "intermediate_size",
          "transformers_version", "dtype", "torch_dtype")

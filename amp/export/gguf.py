@@ -1,4 +1,4 @@
-"""GGUF for llama.cpp: `general.architecture = "deci"`, whose graph reads per-layer arrays `head_count`,
+"""GGUF for llama.cpp. LLaMA and Mistral: `general.architecture = "deci"`, whose graph reads per-layer arrays `head_count`,
 `head_count_kv` and `feed_forward_length` (llama.cpp's `llama` graph reads only global values). Query heads vary
 per layer here, so only uneven groups need padding (to the cheapest even map of that layer, export/padding.py).
 
@@ -6,7 +6,8 @@ Tensors are f32, f16 or bf16 (norms stay f32), streamed one at a time through gg
 first, then each tensor's data). q and k rows are permuted from the Hugging Face rotary layout to llama.cpp's, per
 layer with that layer's head counts, as llama.cpp's own converter does. The tokenizer is carried over: copied from
 the GGUF file the model was dequantized from when there is one (the bundled SmolLM2), else built from
-tokenizer.json for byte-level BPE tokenizers. Quantize afterwards with llama.cpp's own tool:
+tokenizer.json for byte-level BPE tokenizers. Every other family goes to its own architecture (gguf_native.py).
+Quantize afterwards with llama.cpp's own tool:
 `llama-quantize model.gguf model-q4_k_m.gguf Q4_K_M`.
 """
 from __future__ import annotations
@@ -19,15 +20,21 @@ import torch
 
 from ..common.errors import AmpError
 from ..io.models import gguf_origin
+from . import gguf_native  # every other family, in its own llama.cpp architecture
 from .padding import layout_for, padding_cost
 from .source import ExportSource
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+DECI = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED = DECI + tuple(gguf_native.FAMILIES)
+WHY = "llama.cpp runs Phi-1.5 / Phi-2 (phi2) with a graph this export does not write yet; use --format vllm"
 DTYPES = ("f32", "f16", "bf16")
 FILE = "model.gguf"
 
 
 def check(source: ExportSource) -> None:
+    if source.architecture not in DECI:
+        gguf_native.check(source)
+        return
     biased = [n for n in source.checkpoint.tensors if n.endswith(".bias")]
     if biased:
         raise AmpError(f"{source.folder} has projection biases ({biased[0]}, ...), which this GGUF export does not "
@@ -99,6 +106,8 @@ def export(source: ExportSource, out: Path, progress, dtype: str = "f16") -> dic
     import gguf
     if dtype not in DTYPES:
         raise AmpError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if source.architecture not in DECI:
+        return gguf_native.export(source, out, progress, dtype)
     d, c = source.head_dim, source.config
     layouts = [layout_for(list(s.head_map), s.kv_heads, None) for s in source.layers]
     costs = [padding_cost(lay, s.heads, s.kv_heads, d, source.hidden) for lay, s in zip(layouts, source.layers)]

@@ -22,7 +22,7 @@ class LayerShape:
 
 
 class ExportSource:
-    def __init__(self, folder, supported: tuple[str, ...], what: str):
+    def __init__(self, folder, supported: tuple[str, ...], what: str, why: str = ""):
         self.folder = Path(folder)
         if not (self.folder / "config.json").is_file():
             raise AmpError(f"{self.folder} is not a model folder (no config.json): give a folder amp prune wrote, or "
@@ -34,8 +34,8 @@ class ExportSource:
         arch = (self.config.get("architectures") or ["?"])[0]
         spec_for_class(arch)  # an unsupported or refused family: its one-line error
         if arch not in supported:
-            raise AmpError(f"{what} cannot express {arch}: it describes LLaMA-style layers (separate q/k/v/o, SwiGLU "
-                           f"gate/up/down, RMSNorm, no per-head norms); exportable: {', '.join(supported)}")
+            raise AmpError(f"{what} cannot express {arch}{': ' + why if why else ''}; exportable: "
+                           f"{', '.join(supported)}")
         self.architecture = arch
         self.checkpoint = Checkpoint(self.folder)
         c = self.config
@@ -53,6 +53,7 @@ class ExportSource:
             group = self.heads // self.kv_heads
             self.layers = [LayerShape(self.heads, self.kv_heads, c["intermediate_size"],
                                       tuple(h // group for h in range(self.heads)))] * self.layers_count
+        self.per_layer = bool(entries)
         self.dense_heads = max(self.heads, max(s.heads for s in self.layers))
         self.tied = bool(c.get("tie_word_embeddings", False))
 

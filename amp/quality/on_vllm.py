@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..common.errors import AmpError
+from ..common.vllm_plugin import ensure_installed
 from ..io.models import cache_dir
 from ..io.safetensors_io import Checkpoint
 from ..runtime import per_layer
@@ -44,11 +45,11 @@ def find_python(vllm_python: str | None = None) -> str:
 
 
 def check_servable(folder: Path) -> None:
-    """vLLM builds every layer from the global sizes: a per-layer result must be exported first."""
+    """A per-layer result is served from its `--format vllm` export (DeciLM, or the amp-vllm plugin's form)."""
     config = json.loads((folder / "config.json").read_text())
-    if config.get(per_layer.KEY):
-        raise AmpError(f"{folder} is a per-layer result, which vLLM cannot load: export it first (amp export "
-                       f"{folder} --format decilm --out {folder}-decilm) and evaluate the export")
+    if config.get(per_layer.KEY) and not (config.get("architectures") or [""])[0].startswith("Amp"):
+        raise AmpError(f"{folder} is a per-layer result, which vLLM cannot load as it is: export it first (amp export "
+                       f"{folder} --format vllm --out {folder}-vllm) and evaluate the export")
 
 
 def parameters(folder: Path) -> int:
@@ -72,6 +73,8 @@ def evaluate_on_vllm(model_dir, tasks: list[str], texts: dict[str, str], seqlen:
     check_servable(folder)
     python = find_python(vllm_python)
     config = json.loads((folder / "config.json").read_text())
+    if (config.get("architectures") or [""])[0].startswith("Amp"):  # the plugin's per-layer form
+        ensure_installed(python)
     # a DeciLM export's config class ships beside it (configuration_decilm.py); nothing else runs remote code
     trust = config.get("model_type") == "nemotron-nas"
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
