@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import amp
-from amp.arch import Geometry, spec_for
+from amp.arch import spec_for
 from amp.io.calibration import make_batches
 from amp.prune import fisher as fisher_module
 from conftest import random_calibration

@@ -21,6 +21,7 @@ import torch
 from ..arch import spec_for_class
 from ..common.errors import AmpError
 from ..runtime import per_layer
+from .gguf_common import _add_tokenizer, _array, _info, _permute
 from .padding import common_attention, pad_attention, pad_experts, pad_mlp
 
 FILE = "model.gguf"
@@ -110,7 +111,6 @@ def export(source, out: Path, progress, dtype: str) -> dict:
     import gguf
 
     from ..io.sources import SafetensorsSource
-    from .gguf import _add_tokenizer, _array, _info, _permute
     family = FAMILIES[source.architecture]
     spec = spec_for_class(source.architecture)
     stream = SafetensorsSource(source.folder, source.checkpoint)

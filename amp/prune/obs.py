@@ -258,3 +258,27 @@ def layer_paths(layer, spec, geom, stats, request: PathRequest, head_scores=None
                  order)
     neurons = path.scores(geom.intermediate) if request.choose else neuron_scores
     return heads, neurons, attention_curve, _curve(path, stats.tokens, fisher is not None)
+
+
+def expert_paths(layer, moe, stats, request, tokens: int, scores=None):
+    """(expert scores, expert neuron scores, ExpertPaths) from each expert's Gram: with `scores` None, structured
+    OBS chooses (experts ranked by their cost, each expert's neurons by its greedy path); else the given (expert,
+    neuron) scores are kept and the costs follow their order."""
+    from .experts import ExpertPaths, experts_module
+    experts = experts_module(layer, moe)
+    down = experts.down_proj.detach()
+    n, width = down.shape[0], down.shape[2]
+    rows = request.fisher.mlp if request.fisher is not None else None
+    scale = (0.5 if rows is not None else 1.0) / max(tokens, 1)
+    expert_cost = torch.zeros(n, dtype=torch.float64)
+    neuron_cost = torch.zeros(n, width + 1, dtype=torch.float64)
+    neuron_scores = torch.zeros(n, width) if scores is None else scores[1]
+    for e in range(n):
+        order = None if scores is None else torch.argsort(scores[1][e], stable=True).tolist()
+        path = plain_path(down[e], stats.grams[e], 1, width, order=order, row_weights=rows)
+        neuron_cost[e] = torch.tensor(path.errors, dtype=torch.float64) * scale
+        expert_cost[e] = neuron_cost[e, -1]  # every neuron gone = the expert's whole output
+        if scores is None:
+            neuron_scores[e] = path.scores(width)
+    expert_scores = expert_cost.float() if scores is None else scores[0]
+    return expert_scores, neuron_scores, ExpertPaths(expert_cost, neuron_cost)

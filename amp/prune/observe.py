@@ -172,7 +172,7 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_ar
     if moe:
         given = None if chosen else criteria.expert_scores(config.criterion, layer, spec, stats, generator)
         if paths is not None:
-            obs.expert_scores, obs.expert_neuron_scores, obs.expert_paths = moe_structures.obs_paths(
+            obs.expert_scores, obs.expert_neuron_scores, obs.expert_paths = obs_paths.expert_paths(
                 layer, spec.moe, stats.experts, paths, stats.tokens, given)
         else:
             obs.expert_scores, obs.expert_neuron_scores = given
