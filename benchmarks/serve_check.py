@@ -168,7 +168,8 @@ def run_runtime(name: str, models: dict[str, str], prompt_ids, texts, bench_toke
 
 
 def tiny_tokenizer_with_merges():
-    """The tests' byte-level tokenizer plus one merge ("h e"): llama.cpp refuses a BPE vocabulary without merges."""
+    """The tests' byte-level tokenizer plus one merge ("h e"): llama.cpp refuses a BPE vocabulary without merges;
+    and the special tokens llama.cpp looks up by name for some families (Phi-3: </s>, <unk>, <s>, <|endoftext|>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {"<pad>": 0, "<eos>": 1}
@@ -178,19 +179,22 @@ def tiny_tokenizer_with_merges():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[("h", "e")], unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast.add_special_tokens({"additional_special_tokens": ["</s>", "<unk>", "<s>", "<|endoftext|>"]})
+    return fast
 
 
 # Small random models of every family the exports serve, in shapes the runtimes accept (vLLM's CPU attention wants
 # head_dim 64 or more; llama.cpp's graphs fix what the configs below respect: Gemma's query scale 1/sqrt(head_dim),
 # Qwen3-MoE's renormalized top-k with experts in every layer). `moe`: the --moe granularity of their prunes (whole
 # experts per layer would differ, which no single-shape GGUF holds).
-_COMMON = dict(vocab_size=259, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+_COMMON = dict(vocab_size=264, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=64, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
                bos_token_id=1, tie_word_embeddings=False)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=False)),
+    # Qwen2 and Phi-3 derive head_dim as hidden / heads (and llama.cpp sizes their q as hidden x hidden)
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=False, hidden_size=256, head_dim=None)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(query_pre_attn_scalar=64, sliding_window=24,
                                                          tie_word_embeddings=True,
@@ -198,7 +202,8 @@ FAMILIES = {
                                                          hidden_activation="gelu_pytorch_tanh")),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(query_pre_attn_scalar=64, sliding_window=24,
                                                              layer_types=["sliding_attention", "full_attention"])),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0,
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=None, hidden_size=256, head_dim=None,
+                                                   resid_pdrop=0.0, embd_pdrop=0.0,
                                                    attention_dropout=0.0)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                             intermediate_size=128, sliding_window=None,
@@ -215,7 +220,7 @@ def tiny_model(family: str = "llama"):
     import transformers
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**{**_COMMON, **extra})
+    config = getattr(transformers, config_cls)(**{k: v for k, v in {**_COMMON, **extra}.items() if v is not None})
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

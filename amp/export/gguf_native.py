@@ -5,7 +5,8 @@ rotary order, experts stacked into 3-D tensors. Beyond the converter, key_length
 (llama.cpp would otherwise derive head_dim as hidden / heads, which pruning heads breaks) and Gemma's sliding-window
 pattern is written per layer from `layer_types`.
 
-These graphs read one shape for every layer (layer 0's). A uniform result is written as it is. A per-layer result
+These graphs read one shape for every layer (layer 0's); qwen2's and phi3's moreover size q and o as hidden x hidden,
+so their layers keep hidden / head_dim query heads (pruned ones come back as zero heads). A uniform result is written as it is. A per-layer result
 is padded exactly to the cheapest common shape (export/padding.py): zero query heads with zero o_proj columns,
 copied or zero KV heads, zero neurons, zero expert neurons; the report gives the cost, and `--format vllm` serves
 the same result without padding. Different expert counts per layer cannot be padded exactly (a zero expert's router
@@ -32,11 +33,12 @@ class Family:
     arch: str                 # gguf.MODEL_ARCH member name
     norm_shift: float = 0.0   # Gemma's RMSNorm multiplies by (1 + w): llama.cpp stores 1 + w
     permute: bool = False     # the `llama` graph rotates interleaved pairs: q / k rows permuted
+    full_heads: bool = False  # the graph sizes q and o as hidden x hidden: every layer keeps hidden / head_dim heads
 
 
-FAMILIES = {"Qwen2ForCausalLM": Family("QWEN2"), "Qwen3ForCausalLM": Family("QWEN3"),
+FAMILIES = {"Qwen2ForCausalLM": Family("QWEN2", full_heads=True), "Qwen3ForCausalLM": Family("QWEN3"),
             "Qwen3MoeForCausalLM": Family("QWEN3MOE"), "Gemma2ForCausalLM": Family("GEMMA2", 1.0),
-            "Gemma3ForCausalLM": Family("GEMMA3", 1.0), "Phi3ForCausalLM": Family("PHI3"),
+            "Gemma3ForCausalLM": Family("GEMMA3", 1.0), "Phi3ForCausalLM": Family("PHI3", full_heads=True),
             "MixtralForCausalLM": Family("LLAMA", permute=True)}
 GEMMA_LARGE = {"Gemma2ForCausalLM": 46, "Gemma3ForCausalLM": 62}  # layer counts llama.cpp scales by hidden / heads
 
@@ -91,8 +93,9 @@ def _targets(source, stream) -> tuple:
                     **({} if spec.moe else {"intermediate_size": c.intermediate_size}),
                     **({spec.moe.experts_key: getattr(c, spec.moe.experts_key),
                         spec.moe.width_key: getattr(c, spec.moe.width_key)} if spec.moe else {})}] * len(stream.layers)
+    fixed = source.hidden // source.head_dim if FAMILIES[source.architecture].full_heads else None
     heads, kv, layouts = common_attention([(list(e["head_map"]), e["num_key_value_heads"]) for e in entries],
-                                          source.head_dim, source.hidden, source.dense_heads)
+                                          source.head_dim, source.hidden, max(source.dense_heads, fixed or 0), fixed)
     width = experts = expert_width = None
     if spec.moe is None:
         width = max(e["intermediate_size"] for e in entries)
@@ -217,7 +220,9 @@ def _metadata(writer, source, heads, kv, width, experts, expert_width, dtype) ->
     writer.add_block_count(c["num_hidden_layers"])
     writer.add_context_length(c.get("max_position_embeddings", 4096))
     writer.add_embedding_length(source.hidden)
-    writer.add_feed_forward_length(width if width is not None else c.get("intermediate_size", expert_width))
+    # the llama graph sizes its experts from feed_forward_length; qwen3moe from expert_feed_forward_length
+    writer.add_feed_forward_length(width if width is not None else expert_width if arch == "MixtralForCausalLM"
+                                   else c.get("intermediate_size", expert_width))
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv)
     writer.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))

@@ -198,14 +198,16 @@ def layout_fixed(head_map: list[int], kv_heads: int, heads: int, total_kv: int) 
     return AttentionLayout(tuple(slots), tuple(kv_source), group)
 
 
-def common_attention(maps: list[tuple[list[int], int]], head_dim: int, hidden: int, max_heads: int
-                     ) -> tuple[int, int, list[AttentionLayout]]:
+def common_attention(maps: list[tuple[list[int], int]], head_dim: int, hidden: int, max_heads: int,
+                     heads_fixed: int | None = None) -> tuple[int, int, list[AttentionLayout]]:
     """(query heads, KV heads, per-layer layouts) of the cheapest single attention shape that holds every layer
-    (`maps`: each layer's head map and KV-head count) with zero query heads and copied or zero KV heads."""
+    (`maps`: each layer's head map and KV-head count) with zero query heads and copied or zero KV heads;
+    `heads_fixed`: the query-head count the format demands."""
     best = None
     need = max(len(m) for m, _ in maps)
     for total_kv in range(1, max_heads + 1):
-        for heads in range(max(need, total_kv), max_heads + 1, 1):
+        low = heads_fixed if heads_fixed else max(need, total_kv)
+        for heads in range(low, (heads_fixed or max_heads) + 1, 1):
             if heads % total_kv:
                 continue
             layouts = [layout_fixed(m, kv, heads, total_kv) for m, kv in maps]
