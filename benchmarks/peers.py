@@ -79,12 +79,12 @@ def load_peer_model(folder: Path):
     so that one check is lifted while loading."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
-    saved = LlamaConfig.validate_architecture
-    LlamaConfig.validate_architecture = lambda self: None
+    saved = list(getattr(LlamaConfig, "__class_validators__", []))
+    LlamaConfig.__class_validators__ = [v for v in saved if v.__name__ != "validate_architecture"]
     try:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     finally:
-        LlamaConfig.validate_architecture = saved
+        LlamaConfig.__class_validators__ = saved
 
 
 def main(argv=None) -> int:
