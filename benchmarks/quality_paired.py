@@ -48,11 +48,16 @@ def paired_gap(a: dict, b: dict, tasks: list[str], iters: int = 10_000, seed: in
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", default="quality_paired", help="result name (its .json file under benchmarks/results)")
+    p.add_argument("--json", default="quality_paired",
+                   help="result name(s), comma-separated (their .json files under benchmarks/results, merged)")
     p.add_argument("--reference", required=True, help="label (without @RATIO) the others are compared against")
     p.add_argument("--iters", type=int, default=10_000)
     args = p.parse_args()
-    results = json.loads((RESULTS / f"{args.json}.json").read_text())["results"]
+    results = {}
+    for name in args.json.split(","):
+        results.update({k: v for k, v in json.loads((RESULTS / f"{name}.json").read_text())["results"].items()
+                        if "tasks" in v})  # a peer that did not run has no rows
+    args.json = args.json.split(",")[-1]
     rows = []
     for key, r in results.items():
         label, ratio = key.rsplit("@", 1)
