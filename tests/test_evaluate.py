@@ -158,3 +158,24 @@ def test_missing_corpus_is_skipped_by_default_and_refused_when_asked_for(eval_da
                            "--data-dir", tmp_path, "--quiet")
     assert_clean_failure(code, err, None)
     assert "wikitext2_test.txt is missing" in err
+
+
+@pytest.mark.parametrize("result_line", [True, False])
+def test_vllm_worker_exit_after_its_result(result_line, eval_data, tiny_folder, tmp_path):
+    """vLLM's engine threads can abort the worker's interpreter at shutdown ("terminate called without an active
+    exception") after the whole result line is out: that result stands, with a note; without the line it fails with
+    the runtime's last words."""
+    from amp.common.errors import AmpError
+    from amp.quality.on_vllm import evaluate_on_vllm
+    fake = tmp_path / "python"
+    line = 'echo \'RESULT {"tasks": {}, "perplexity": {}, "notes": []}\'\n' if result_line else ""
+    fake.write_text(f"#!/bin/sh\n{line}echo 'terminate called without an active exception' >&2\nexit 134\n")
+    fake.chmod(0o755)
+    args = (tiny_folder, [], {}, 16, eval_data, None, None)
+    if result_line:
+        result = evaluate_on_vllm(*args, vllm_python=str(fake), progress=False)
+        assert result["backend"]["name"] == "vllm" and result["notes"] == [
+            "vLLM exited with code 134 after writing its results (shutdown)"]
+    else:
+        with pytest.raises(AmpError, match="terminate called without an active exception"):
+            evaluate_on_vllm(*args, vllm_python=str(fake), progress=False)

@@ -100,7 +100,7 @@ def evaluate_on_vllm(model_dir, tasks: list[str], texts: dict[str, str], seqlen:
         proc = subprocess.run([python, str(WORKER), str(path)], stdout=subprocess.PIPE,
                               stderr=None if progress else subprocess.PIPE, text=True, env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
+    if line is None:
         tail = (proc.stderr or proc.stdout or "")[-2000:].strip().splitlines()
         raise AmpError(f"vLLM evaluation of {folder} failed ({python}): {tail[-1] if tail else 'no output'}")
     got = json.loads(line[len("RESULT "):])
@@ -111,6 +111,8 @@ def evaluate_on_vllm(model_dir, tasks: list[str], texts: dict[str, str], seqlen:
               "backend": {"name": "vllm", "python": python, "tensor_parallel_size": tensor_parallel_size,
                           "data_parallel_size": data_parallel_size, "dtype": dtype},
               "notes": got["notes"]}
+    if proc.returncode != 0:   # the result line is whole: only the runtime's own shutdown failed after it
+        result["notes"].append(f"vLLM exited with code {proc.returncode} after writing its results (shutdown)")
     for name, r in got["perplexity"].items():
         result["perplexity"][f"{name}@{seqlen}"] = r["perplexity"]
         result["perplexity_tokens"][f"{name}@{seqlen}"] = r["tokens"]
