@@ -50,10 +50,19 @@ def _prune(source, sink, config: PruneConfig, calibration, pad_id: int, timer, p
     """The one prune behind prune_ and prune_checkpoint (in memory or streamed), and its report."""
     timer = timer or PhaseTimer(config.device)
     samples = getattr(calibration, "samples", calibration)
+    held_out = getattr(calibration, "held_out", None)
+    fallback = None
+    if config.auto_allocation and config.allocation == "kl" and not held_out and len(samples or []) <= config.holdout:
+        fallback = (f"allocation auto: {len(samples or [])} calibration samples leave none to hold back (--holdout "
+                    f"{config.holdout}) for the kl allocation, so the allocation is uniform")
+        config = config.without_holdout()
     before = allocate.total_params(source.model)
     result = prune_layers(source, sink, config, samples, pad_id=pad_id, timer=timer, progress=progress,
-                          staging=staging, probe=probe, held_out=getattr(calibration, "held_out", None))
-    return prune_report(source, sink, config, calibration, result, before, timer)
+                          staging=staging, probe=probe, held_out=held_out)
+    report = prune_report(source, sink, config, calibration, result, before, timer)
+    if fallback:
+        report["notes"].append(fallback)
+    return report
 
 
 def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwrite: bool = False,
@@ -94,8 +103,16 @@ def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwr
     calibration = None
     if config.needs_calibration:
         with timer.phase("calibration_data"):
-            calibration = load_calibration(tokenizer, config.calib, config.nsamples, config.seqlen,
-                                           config.seed, data_dir, config.holdout if config.allocation == "kl" else 0)
+            holdout = config.holdout if config.allocation == "kl" else 0
+            try:
+                calibration = load_calibration(tokenizer, config.calib, config.nsamples, config.seqlen,
+                                               config.seed, data_dir, holdout)
+            except AmpError:
+                if not (holdout and config.auto_allocation):
+                    raise
+                # --allocation auto on too little text to hold windows back: what _prune decides without them
+                calibration = load_calibration(tokenizer, config.calib, config.nsamples, config.seqlen,
+                                               config.seed, data_dir, 0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     with folders.staged_folder(out, overwrite) as tmp:
         if config.stream:

@@ -52,10 +52,10 @@ def _prune_parser(sub):
                    help="calibration samples: windows of --seqlen tokens of a text (default 64), or prompts (128)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--criterion", default="amp", choices=CRITERIA,
-                   help="amp: the paper's scores; obs: structured OBS, the structures whose removal leaves the "
+    p.add_argument("--criterion", default="obs", choices=CRITERIA,
+                   help="obs (default, measured best): structured OBS, the structures whose removal leaves the "
                         "least error after the refit (greedy, from the layer's Gram matrices); magnitude, random, "
-                        "reversed, wanda-sp, flap: baselines")
+                        "reversed, wanda-sp, flap: baselines; amp: the paper's scores")
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="dtype the weights are stored and written in (default: the checkpoint's own)")
@@ -66,8 +66,9 @@ def _prune_parser(sub):
     p.add_argument("--no-stream", action="store_true",
                    help="load the whole model into host memory instead of streaming it layer by layer")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
-    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
-                   help="per-layer budgets: uniform (the paper), depth (share rising with depth), sensitivity "
+    p.add_argument("--allocation", default="auto", choices=ALLOCATIONS,
+                   help="per-layer budgets: auto (default: kl for every criterion that reads calibration data, "
+                        "uniform for the data-free ones), uniform (the paper), depth (share rising with depth), sensitivity "
                         "(measured output change, one budget solve), kl (every layer's attention and MLP error "
                         "curve from its Gram, weighted by the output Fisher measured on held-back windows: one "
                         "solve in predicted KL divergence from the dense model)")

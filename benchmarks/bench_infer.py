@@ -46,7 +46,8 @@ def smollm2_models(device):
                                ("amp20-depth-query", 0.2, dict(allocation="depth", heads="query")),
                                ("amp20-uniform-query", 0.2, dict(allocation="uniform", heads="query"))):
         model, _, _ = amp.load_model(None, "float32")
-        amp.prune_(model, amp.PruneConfig(ratio=ratio, **extra), calib, progress=False)
+        amp.prune_(model, amp.PruneConfig(ratio=ratio, **{"criterion": "amp", "allocation": "uniform", **extra}),
+                   calib, progress=False)
         models[f"smollm2-{name}"] = model
     return {k: m.to(device).eval() for k, m in models.items()}
 

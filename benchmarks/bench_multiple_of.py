@@ -137,8 +137,9 @@ def smollm2(args, multiples: list[int]) -> None:
     for n in multiples:
         model, tok, _ = amp.load_model(None, "float32")
         cal = amp.load_calibration(tok, "alpaca", 16, 128, 0)
-        report = amp.prune_(model, amp.PruneConfig(ratio=args.ratio, multiple_of=n, compensate="none",
-                                                   sequential=False, calib="alpaca", nsamples=16, seqlen=128),
+        report = amp.prune_(model, amp.PruneConfig(ratio=args.ratio, multiple_of=n, compensate="none", criterion="amp",
+                                                   sequential=False, calib="alpaca", nsamples=16, seqlen=128,
+                                                   allocation="uniform"),
                             cal, progress=False)
         widths = sorted({layer.mlp.down_proj.in_features for layer in model.model.layers})
         heads = sorted({layer.self_attn.o_proj.in_features // layer.self_attn.head_dim

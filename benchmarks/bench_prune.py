@@ -39,7 +39,7 @@ def worker_prune(args) -> dict:
     from amp.io.folders import save_pruned
     from amp.common.profiling import PhaseTimer
     model, tokenizer, calib, pad, load_s = _setup(args)
-    config = PruneConfig(ratio=args.ratio, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
+    config = PruneConfig(ratio=args.ratio, criterion="amp", allocation="uniform", nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
                          device=args.device, dtype=args.dtype)
     runs = []
     for i in range(args.warmup + args.repeats):

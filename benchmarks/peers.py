@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", default="0.2,0.3")
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--ppl-windows", type=int, default=20)
+    p.add_argument("--tasks", default=None, help="zero-shot tasks (default: benchmarks.quality's five), or 'none'")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--install", action="store_true", help="only make the peers' environments")
     p.add_argument("--name", default="peers")
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
     from amp.quality.evaluate import evaluate_model
     from amp.quality.perplexity import corpus_text
     from benchmarks.quality import TASKS, _row
+    tasks = [] if args.tasks == "none" else args.tasks.split(",") if args.tasks else TASKS
     data_dir = default_data_dir()
     dense_dir = default_model_dir()
     dense, tokenizer, _ = amp.load_model(None)
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
                 print(f"{key}: failed: {entry['reason']}", flush=True)
                 continue
             params = sum(p.numel() for p in model.parameters())
-            r = evaluate_model(model, tokenizer, key, TASKS, texts, args.seqlen, data_dir, args.limit, 8, "cpu",
+            r = evaluate_model(model, tokenizer, key, tasks, texts, args.seqlen, data_dir, args.limit, 8, "cpu",
                                args.ppl_windows, progress=False)
             r.update(entry, status="ok", params=params, prune_seconds=round(ran["seconds"], 1),
                      settings=ran["settings"], wall_seconds=round(time.perf_counter() - start, 1))
@@ -156,9 +158,9 @@ def main(argv=None) -> int:
             print(f"{key}: {params:,} parameters, ppl {row['wikitext2_ppl']:.2f}, avg {row['avg']:.4f}", flush=True)
     summary = [f"Peers on SmolLM2-135M at the engine's parameter count (ratio of the whole model, {total:,} "
                f"parameters dense); perplexity: WikiText-2 test, first {args.ppl_windows} windows of {args.seqlen} "
-               f"tokens; zero-shot: the first {args.limit} rows of {', '.join(TASKS)} (the rows of "
-               "benchmarks.quality). Each peer ran in its own environment under $AMP_CACHE_DIR/peers with the pins "
-               "in benchmarks/peers.py."]
+               f"tokens; " + (f"zero-shot: the first {args.limit} rows of {', '.join(tasks)} (the rows of "
+                              "benchmarks.quality)." if tasks else "no zero-shot tasks (--tasks none).") +
+               " Each peer ran in its own environment under $AMP_CACHE_DIR/peers with the pins in benchmarks/peers.py."]
     record(args.name, rows, summary)
     path = RESULTS / f"{args.name}.json"
     earlier = json.loads(path.read_text()).get("results", {}) if path.is_file() else {}

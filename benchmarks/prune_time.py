@@ -3,10 +3,11 @@ safetensors folder (what `amp prune` does), each prune in a process of its own (
 the recipes interleaved repeat by repeat (so that a busy spell of this shared CPU hits every recipe alike); the
 ratio of each median to the first recipe's is the figure.
 
-    python -m benchmarks.prune_time [--recipes default,obs,kl,kl+obs] [--ratio 0.2] [--repeats 2]
+    python -m benchmarks.prune_time [--recipes amp,obs,kl,kl+obs] [--ratio 0.2] [--repeats 2]
 
-A recipe is a '+'-list of PruneConfig changes from the default: obs (--criterion obs), kl (--allocation kl), depth,
-query; `default` is today's default (uniform AMP scores, 64 C4 windows, sequential statistics, refit).
+A recipe is a '+'-list of changes to the previous default, `amp` (uniform allocation of AMP scores; 64 C4 windows,
+sequential statistics, refit): obs (--criterion obs), kl (--allocation kl), depth, query; `default` is whatever
+PruneConfig's defaults are now (structured OBS, the kl allocation).
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ STEPS = {"obs": {"criterion": "obs"}, "kl": {"allocation": "kl"}, "depth": {"all
 
 
 def fields(recipe: str) -> dict:
-    out = {}
+    if recipe == "default":
+        return {}
+    out = {"criterion": "amp", "allocation": "uniform"}  # the previous default, every step from it
     for step in recipe.split("+"):
-        if step != "default":
+        if step != "amp":
             out.update(STEPS[step])
     return out
 
@@ -46,7 +49,7 @@ def worker(recipe: str, ratio: float) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", default="default,obs,kl,kl+obs")
+    p.add_argument("--recipes", default="amp,obs,kl,kl+obs")
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

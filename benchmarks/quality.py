@@ -74,9 +74,10 @@ def main():
         variants = [_recipe(r, tokenizer, data_dir, args.seed) for r in args.recipes.split(",")]
     else:
         # the allocation tables keep the first-built recipe (dense statistics, no compensation): comparable rows
-        variants = [(m, dict(allocation=m.split("/")[0], heads=m.split("/")[1], sequential=False, compensate="none"),
+        variants = [(m, dict(criterion="amp", allocation=m.split("/")[0], heads=m.split("/")[1], sequential=False,
+                                compensate="none"),
                      calib, None) for m in args.modes.split(",")] if args.modes else \
-            [(c, dict(criterion=c), calib, None) for c in args.criteria.split(",")]
+            [(c, dict(criterion=c, allocation="uniform"), calib, None) for c in args.criteria.split(",")]
     for ratio in map(float, args.ratios.split(",")):
         for label, fields, cal, recovery in variants:
             model = copy.deepcopy(dense)
@@ -146,7 +147,8 @@ def _recipe(text: str, tokenizer, data_dir, seed: int):
     import amp
     steps, _, cal = text.partition("@")
     source, _, n = (cal or "alpaca:128").partition(":")
-    fields, recovery = {"compensate": "none", "sequential": False}, None  # every step explicit
+    # every step explicit, from the paper's AMP scores under uniform allocation
+    fields, recovery = {"criterion": "amp", "allocation": "uniform", "compensate": "none", "sequential": False}, None
     for step in steps.split("+"):
         if step in ("lora", "kd"):
             recovery = step

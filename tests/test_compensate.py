@@ -108,7 +108,7 @@ def test_sequential_statistics_come_from_the_pruned_prefix(family, allocation):
     samples = random_calibration(n=6, lo=10, hi=30)
     pruned = copy.deepcopy(original)
     report = amp.prune_(pruned, amp.PruneConfig(ratio=0.35, sequential=True, compensate="none", batch_size=2,
-                                                allocation=allocation), samples, progress=False)
+                                                criterion="amp", allocation=allocation), samples, progress=False)
     assert report["compensation"]["sequential"]
     n_tokens = sum(len(s) for s in samples)
     differs = False
@@ -191,7 +191,7 @@ def test_cli_prunes_with_refit_and_sequential_streamed(tiny_llama_dir, tmp_path,
     out = tmp_path / "refit"
     code = main(["prune", str(tiny_llama_dir), "--ratio", "0.3", "--out", str(out), "--calib", "c4",
                  "--data-dir", str(data_dir), "--nsamples", "8", "--seqlen", "64", "--compensate", "refit",
-                 "--sequential", "--damp", "0.1", "--quiet"])
+                 "--sequential", "--damp", "0.1", "--allocation", "uniform", "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "sequential statistics); compensation: refit, o_proj error" in printed

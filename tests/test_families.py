@@ -41,7 +41,8 @@ def test_gemma_layers_are_calibrated_with_their_own_window(family):
     spec, geom = spec_for(model), Geometry.from_config(model.config)
     o_in = captured_inputs(model, samples, spec.o)
     w_o = [spec.get(layer, spec.o).weight.detach().clone() for layer in model.model.layers]
-    report = amp.prune_(model, amp.PruneConfig(ratio=0.3, batch_size=2, sequential=False), samples, progress=False)
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.3, batch_size=2, sequential=False, criterion="amp"), samples,
+                        progress=False)
     n_tokens = sum(len(s) for s in samples)
     for i, kept in enumerate(report["layers"]):
         x = o_in[i].view(n_tokens, geom.num_heads, geom.head_dim)

@@ -2,6 +2,7 @@
 against an independent whole-model computation, the budget spent exactly (and --multiple-of kept), streamed equal
 to in memory, budgets that say what they mean (--ratio-of), and bad input refused in one line."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -128,7 +129,7 @@ def test_streamed_equals_in_memory(tmp_path, data_dir):
     config = amp.PruneConfig(ratio=0.3, allocation="kl", criterion="obs", calib="wikitext2", nsamples=8, seqlen=32,
                              batch_size=3, holdout=3)
     streamed = amp.prune_checkpoint(str(tmp_path / "in"), config, tmp_path / "s", data_dir=data_dir, progress=False)
-    memory = amp.prune_checkpoint(str(tmp_path / "in"), amp.PruneConfig(**{**config.__dict__, "stream": False}),
+    memory = amp.prune_checkpoint(str(tmp_path / "in"), dataclasses.replace(config, stream=False),
                                   tmp_path / "m", data_dir=data_dir, progress=False)
     assert streamed["layers"] == memory["layers"]
     assert streamed["allocation"]["heldout_kl"] == memory["allocation"]["heldout_kl"]

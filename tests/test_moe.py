@@ -3,6 +3,7 @@ original (removed experts at -inf in the router before the softmax and top-k, re
 the down projection, heads and dense neurons zeroed as for dense models), streamed from Hub checkpoints that store
 every expert on its own, written back in that layout, and run everywhere the dense families run."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -77,7 +78,7 @@ def test_moe_pruning_equals_masked_original(moe_family, moe, allocation, heads):
     original = make_tiny(moe_family)
     pruned = copy.deepcopy(original)
     report = amp.prune_(pruned, amp.PruneConfig(ratio=0.3, allocation=allocation, heads=heads, moe=moe,
-                                                batch_size=3), _calibration(), progress=False)
+                                                criterion="amp", batch_size=3), _calibration(), progress=False)
     geom = Geometry.from_config(original.config, spec_for(original))
     sparse = [e for e in report["layers"] if "kept_experts" in e]
     assert sparse and report["params_after"] < report["params_before"]
@@ -125,8 +126,8 @@ def test_expert_scores_equal_a_direct_computation():
             a = F.silu(gate) * up
             y = F.linear(a, experts.down_proj[e]) * weights[rows, pos, None]
             l1[e], tokens[e], neuron[e] = y.abs().sum(), len(rows), a.abs().sum(0)
-    report = amp.prune_(copy.deepcopy(model), amp.PruneConfig(ratio=0.2, sequential=False, batch_size=2), samples,
-                        progress=False)
+    report = amp.prune_(copy.deepcopy(model), amp.PruneConfig(ratio=0.2, sequential=False, batch_size=2,
+                                                              criterion="amp"), samples, progress=False)
     entry = report["layers"][0]
     assert entry["expert_tokens"] == tokens.long().tolist()
     torch.testing.assert_close(torch.tensor(entry["expert_scores"]), l1 / x.shape[0], rtol=1e-4, atol=1e-7)
@@ -145,7 +146,7 @@ def test_hub_layout_streams_prunes_and_is_written_back(moe_family, tmp_path, dat
     assert hub and not any(n.endswith("gate_up_proj") for n in names)  # what the Hub stores: one expert each
     config = amp.PruneConfig(ratio=0.3, allocation="depth", **TEXT_CALIB)
     streamed = amp.prune_checkpoint(str(src), config, tmp_path / "stream", data_dir=data_dir, progress=False)
-    memory = amp.prune_checkpoint(str(src), amp.PruneConfig(**{**config.__dict__, "stream": False}),
+    memory = amp.prune_checkpoint(str(src), dataclasses.replace(config, stream=False),
                                   tmp_path / "memory", data_dir=data_dir, progress=False)
     assert [(e["kept_heads"], e.get("kept_experts"), e.get("kept_expert_neurons")) for e in streamed["layers"]] == \
         [(e["kept_heads"], e.get("kept_experts"), e.get("kept_expert_neurons")) for e in memory["layers"]]
@@ -193,7 +194,7 @@ def test_a_budget_that_would_leave_fewer_experts_than_top_k_is_refused(tmp_path,
     src = save_tiny(make_tiny("mixtral_moe"), tmp_path / "dense")
     code, _, err = run_cli(capsys, "prune", src, "--ratio", 0.75, "--moe", "experts", "--out", tmp_path / "out",
                            "--calib", "wikitext2", "--nsamples", 2, "--seqlen", 32, "--data-dir", data_dir,
-                           "--quiet")
+                           "--allocation", "uniform", "--quiet")
     assert_clean_failure(code, err, tmp_path / "out")
     assert "num_experts_per_tok" in err
 

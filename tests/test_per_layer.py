@@ -1,6 +1,7 @@
 """Per-layer budgets and single query heads: exact against the masked original, exact budgets, checkpoints with
 per-layer shapes that load (from_pretrained after `import amp`, load_pruned, amp eval, generate with a cache)."""
 import copy
+import dataclasses
 import json
 import random
 
@@ -113,7 +114,7 @@ def test_heterogeneous_checkpoint_round_trip(family, tmp_path, data_dir):
     src = save_tiny(make_tiny(family), tmp_path / "dense")
     config = amp.PruneConfig(ratio=0.3, allocation="sensitivity", heads="query", **TEXT_CALIB)
     report = amp.prune_checkpoint(str(src), config, tmp_path / "stream", data_dir=data_dir, progress=False)
-    memory = amp.prune_checkpoint(str(src), amp.PruneConfig(**{**config.__dict__, "stream": False}),
+    memory = amp.prune_checkpoint(str(src), dataclasses.replace(config, stream=False),
                                   tmp_path / "memory", data_dir=data_dir, progress=False)
     assert [l["kept_heads"] for l in report["layers"]] == [l["kept_heads"] for l in memory["layers"]]
     saved = json.loads((tmp_path / "stream" / "config.json").read_text())
@@ -168,7 +169,8 @@ def test_amp_eval_and_info_on_a_heterogeneous_checkpoint(tmp_path, data_dir, cap
 
 def test_a_uniform_group_prune_stays_a_plain_config(tmp_path, data_dir):
     src = save_tiny(make_tiny("mistral_gqa"), tmp_path / "dense")
-    amp.prune_checkpoint(str(src), amp.PruneConfig(ratio=0.3, **TEXT_CALIB), tmp_path / "out", data_dir=data_dir,
+    amp.prune_checkpoint(str(src), amp.PruneConfig(ratio=0.3, allocation="uniform", **TEXT_CALIB), tmp_path / "out",
+                         data_dir=data_dir,
                          progress=False)
     assert per_layer.KEY not in json.loads((tmp_path / "out" / "config.json").read_text())
 
@@ -215,14 +217,23 @@ def test_a_transformers_too_old_for_per_layer_checkpoints(hetero_dir, monkeypatc
         amp.load_pruned(hetero_dir)
 
 
-def test_uniform_prune_from_30_percent_points_to_depth_allocation():
-    hint = "consider --allocation depth"
-    notes = {r: amp.prune_(make_tiny("llama_mha"), amp.PruneConfig(ratio=r), random_calibration(n=4),
-                           progress=False)["notes"] for r in (0.2, 0.3)}
+def test_uniform_prune_from_30_percent_points_to_the_kl_allocation():
+    hint = "consider the default allocation (kl"
+    notes = {r: amp.prune_(make_tiny("llama_mha"), amp.PruneConfig(ratio=r, allocation="uniform"),
+                           random_calibration(n=4), progress=False)["notes"] for r in (0.2, 0.3)}
     assert not any(hint in n for n in notes[0.2]) and any(hint in n for n in notes[0.3])
-    depth = amp.prune_(make_tiny("llama_mha"), amp.PruneConfig(ratio=0.3, allocation="depth"),
-                       random_calibration(n=4), progress=False)
-    assert not any(hint in n for n in depth["notes"])
+    default = amp.prune_(make_tiny("llama_mha"), amp.PruneConfig(ratio=0.3), random_calibration(n=12), progress=False)
+    assert default["allocation"]["method"] == "kl" and not any(hint in n for n in default["notes"])
+
+
+def test_auto_allocation_without_windows_to_hold_back_is_uniform_and_says_so():
+    report = amp.prune_(make_tiny("llama_gqa"), amp.PruneConfig(ratio=0.3), random_calibration(n=8), progress=False)
+    assert report["allocation"]["method"] == "uniform" and report["criterion"] == "obs"
+    assert any("allocation auto: 8 calibration samples leave none to hold back" in n for n in report["notes"])
+    with pytest.raises(amp.AmpError, match="holds back 8 calibration samples"):  # asked for by name: refused
+        amp.prune_(make_tiny("llama_gqa"), amp.PruneConfig(ratio=0.3, allocation="kl"), random_calibration(n=8),
+                   progress=False)
+    assert amp.PruneConfig(ratio=0.3, criterion="magnitude").allocation == "uniform"
 
 
 # ---- --multiple-of: widths that tile well ---------------------------------------------------------------

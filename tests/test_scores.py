@@ -33,7 +33,8 @@ def test_head_and_neuron_scores_match_direct_computation(family):
     down_in = captured_inputs(model, samples, spec.down)
     w_o = [spec.get(layer, spec.o).weight.detach().clone() for layer in model.model.layers]
     # batch_size 2 pads every batch: padding must not change the scores.
-    report = amp.prune_(model, amp.PruneConfig(ratio=0.3, batch_size=2, sequential=False), samples, progress=False)
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.3, batch_size=2, sequential=False, criterion="amp"), samples,
+                        progress=False)
     n_tokens = sum(len(s) for s in samples)
     assert report["calibration"]["tokens"] == n_tokens
     for i, kept in enumerate(report["layers"]):

@@ -1,7 +1,7 @@
 """PruneConfig: every knob of a prune, validated once. The CLI flags map one to one onto its fields."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ..common.errors import AmpError
 from ..io.safetensors_io import parse_size
@@ -12,7 +12,7 @@ MOMENT_CRITERIA = ("wanda-sp", "flap")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOADS = ("auto", "device", "host", "disk")
-ALLOCATIONS = ("uniform", "depth", "sensitivity", "kl")
+ALLOCATIONS = ("auto", "uniform", "depth", "sensitivity", "kl")
 RATIO_OF = ("model", "blocks")  # what --ratio is a share of: the whole model (the paper), or the decoder blocks
 HEADS = ("auto", "group", "query")
 MOE = ("auto", "experts", "neurons")  # mixture-of-experts granularity, as --heads is for attention
@@ -30,7 +30,7 @@ class PruneConfig:
     ratio: float | None = None       # fraction of the parameters to remove (of the whole model: see ratio_of)
     ratio_of: str = "model"          # model: the whole model's parameters (the paper) | blocks: the decoder blocks'
     iteration: int | None = None     # or: remove this many decoder layers' worth of parameters (paper's flag)
-    criterion: str = "amp"
+    criterion: str = "obs"           # measured default (docs/quality.md); amp: the paper's scores
     calib: str = "c4"                # c4 | alpaca | wikitext2 | path to .txt / .json / .jsonl (measured default)
     nsamples: int | None = None      # default: 64 windows of a text corpus, 128 prompts of a prompt set
     seqlen: int = 512                # window length for text corpora, truncation length for prompts
@@ -42,7 +42,8 @@ class PruneConfig:
     offload: str = "auto"            # where calibration activations live: auto | device | host | disk
     stream: bool = True              # prune_checkpoint: stream a safetensors checkpoint layer by layer
     max_shard_size: str = "5GB"      # output shards when streaming
-    allocation: str = "uniform"      # per-layer budgets: uniform | depth | sensitivity | kl
+    allocation: str = "auto"         # per-layer budgets: uniform | depth | sensitivity | kl (auto: kl wherever the
+                                     # criterion reads calibration data, else uniform; measured)
     holdout: int = 8                 # kl: calibration samples held back to measure the output divergence on
     heads: str = "auto"              # GQA: prune whole KV groups or single query heads (auto: group if uniform)
     min_keep: float = 0.1            # per-layer floor: each layer keeps this share of its heads and of its neurons
@@ -53,6 +54,8 @@ class PruneConfig:
     moe: str = "auto"                # MoE layers: auto (the budget decides) | experts (whole) | neurons (per expert)
     multiple_of: int = 1             # kept neurons and attention widths are multiples of this (GEMMs tile well)
                                      # (default: yes wherever calibration data is used; measured)
+    auto_allocation: bool = field(default=False, init=False, repr=False, compare=False)  # allocation was auto
+    auto_heads: bool = field(default=False, init=False, repr=False, compare=False)       # heads was auto
 
     def __post_init__(self):
         if (self.ratio is None) == (self.iteration is None):
@@ -91,6 +94,9 @@ class PruneConfig:
         parse_size(self.max_shard_size)
         if self.allocation not in ALLOCATIONS:
             raise AmpError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "auto":  # frozen: resolve through object.__setattr__
+            object.__setattr__(self, "auto_allocation", True)
+            object.__setattr__(self, "allocation", "kl" if self.criterion not in DATA_FREE else "uniform")
         if self.ratio_of not in RATIO_OF:
             raise AmpError(f"unknown --ratio-of {self.ratio_of!r}; choose one of {', '.join(RATIO_OF)}")
         if self.ratio_of == "blocks" and self.ratio is None:
@@ -113,7 +119,12 @@ class PruneConfig:
             raise AmpError(f"the {self.allocation} allocation measures on calibration data; criterion "
                            f"{self.criterion!r} uses none")
         if self.heads == "auto":  # frozen: resolve through object.__setattr__
+            object.__setattr__(self, "auto_heads", True)
             object.__setattr__(self, "heads", "group" if self.allocation == "uniform" else "query")
+
+    def without_holdout(self) -> "PruneConfig":
+        """--allocation auto on a calibration set too small to hold windows back from: uniform allocation."""
+        return replace(self, allocation="uniform", heads="auto" if self.auto_heads else self.heads)
 
     @property
     def needs_calibration(self) -> bool:

@@ -6,9 +6,9 @@ from ..io.calibration import Calibration
 from ..runtime import per_layer
 from . import allocate
 from . import experts as moe_structures
-from .config import PruneConfig
+from .config import DATA_FREE, PruneConfig
 
-DEPTH_PAYS_FROM = 0.3  # measured: depth allocation ties uniform at 10 %, is within noise at 20 %, wins at 30 %
+KL_PAYS_FROM = 0.3  # measured: the kl allocation's gain over uniform is small at 10 and 20 %, large at 30 %
 
 
 def prune_report(source, sink, config: PruneConfig, calibration, result: dict, before: int, timer) -> dict:
@@ -116,10 +116,11 @@ def notes(plan: allocate.Plan, geom, config: PruneConfig) -> list[str]:
     if not config.single_pass:
         return [f"per-layer allocation {config.allocation} with {config.heads} heads: every layer has its own "
                 "sizes (amp_report.json 'layers'); a checkpoint with differing layers loads after `import amp`"]
-    if plan.target_ratio >= DEPTH_PAYS_FROM - 1e-9 and config.criterion == "amp":
-        out.append(f"at {plan.target_ratio:.0%}, consider --allocation depth: on SmolLM2 at 30 % it gave 1.44x "
-                   "lower perplexity and 2.4 points more four-task accuracy (paired, beyond noise) than uniform; "
-                   "its checkpoint loads after `import amp` (benchmarks/results/quality_paired_gaps.md)")
+    if plan.target_ratio >= KL_PAYS_FROM - 1e-9 and config.allocation == "uniform" and \
+            config.criterion not in DATA_FREE:
+        out.append(f"at {plan.target_ratio:.0%}, consider the default allocation (kl, --allocation auto): on SmolLM2 "
+                   "at 30 % it gave PPLGAIN lower perplexity than uniform (docs/quality.md); its checkpoint has "
+                   "per-layer sizes, which load after `import amp` and export to vLLM and llama.cpp")
     if plan.attn_units_removed != plan.ideal_attn_units_removed:
         out.append(f"the budget asked for {plan.ideal_attn_units_removed} attention units per layer; "
                    f"{plan.attn_units_removed} were removed so that the config stays loadable by the "
