@@ -113,7 +113,8 @@ def main():
          "model; 'avg' is their mean (acc_norm for piqa and the ARC sets, acc for boolq and winogrande). "
          if tasks else "No zero-shot tasks (--tasks none): perplexity only. ") +
         ("AMP scores; the label is allocation/heads." if args.modes else
-         "AMP scores; the label is STEPS@CALIBRATION:SAMPLES (the calibration line above is the default set, "
+         "AMP scores unless the recipe has obs; the label is STEPS@CALIBRATION:SAMPLES (the calibration line above is "
+         "the default set, "
          "unused by recipes)." if args.recipes else "Uniform allocation for every criterion.")]
     if args.recipes and any(v[3] for v in variants):
         summary.append(f"Recovery: LoRA r 8 on the attention and MLP projections, Alpaca records (prompt and "
