@@ -27,13 +27,17 @@ import torch
 from benchmarks.harness import record
 
 
+@torch.no_grad()
+def _log_probs(model, window: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities of one window (1 x tokens x vocabulary)."""
+    return torch.log_softmax(model(window[None]).logits.float(), -1)
+
+
 def _held_kl(model, held: torch.Tensor, dense_logp: list[torch.Tensor]) -> float:
     """Mean over held-back tokens of KL(dense || model), one window at a time."""
     total = 0.0
-    with torch.no_grad():
-        for i in range(len(held)):
-            logp = torch.log_softmax(model(held[i:i + 1]).logits.float(), -1)
-            total += float((dense_logp[i].exp() * (dense_logp[i] - logp)).sum(-1).mean())
+    for window, dense in zip(held, dense_logp):
+        total += float((dense.exp() * (dense - _log_probs(model, window))).sum(-1).mean())
     return total / len(held)
 
 
@@ -75,8 +79,7 @@ def main():
     dense.eval()
     calib = amp.load_calibration(tokenizer, "c4", args.nsamples, 512, 0, data_dir, holdout=8)
     held = torch.stack(calib.held_out)
-    with torch.no_grad():
-        dense_logp = [torch.log_softmax(dense(held[i:i + 1]).logits.float(), -1) for i in range(len(held))]
+    dense_logp = [_log_probs(dense, window) for window in held]
     wiki = tokenizer(corpus_text("wikitext2", data_dir), return_tensors="pt").input_ids[0]
     n_layers = len(dense.model.layers)
 
