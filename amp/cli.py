@@ -373,6 +373,10 @@ def cmd_prune(args) -> int:
     if mem["offload"]:
         line += f"; activations on {mem['offload']['where']} ({mem['offload']['why']})"
     print(line)
+    if mem.get("passes"):
+        print("peak host RSS by pass: " + ", ".join(f"{k} {v['peak_rss_mb']:,.0f} MB" for k, v in mem["passes"].items())
+              + (f"; kept of every layer until the budget solve: {mem['kept_bytes'] / 2**10:,.0f} KiB in all"
+                 if "kept_bytes" in mem else ""))
     for note in report["notes"]:
         print(f"note: {note}")
     if "recovery" in report:

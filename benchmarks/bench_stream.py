@@ -94,10 +94,21 @@ def synthetic_checkpoint(folder: Path, layers: int, preset: str = "llama2-7b") -
     return folder, time.perf_counter() - start
 
 
-def run_prune(folder: Path, out: Path, args, stream: bool) -> dict:
+RECIPES = {"default": [], "paper": ["--criterion", "amp", "--allocation", "uniform"]}  # the paper's: AMP, uniform
+# what a large model's prune holds on one 80 GB GPU, projected from the per-layer terms below (bench_stream's note)
+PROJECTIONS = {
+    "LLaMA-3-70B": dict(layers=80, hidden=8192, heads=64, kv=8, head_dim=128, inter=28672, experts=0, vocab=128256),
+    "Llama-4-Scout-109B (16 experts)": dict(layers=48, hidden=5120, heads=40, kv=8, head_dim=128, inter=8192,
+                                             experts=16, vocab=202048),
+    "GLM-4.5-Air-106B (128 experts)": dict(layers=46, hidden=4096, heads=96, kv=8, head_dim=128, inter=1408,
+                                            experts=128, vocab=151552),
+}
+
+
+def run_prune(folder: Path, out: Path, args, stream: bool, recipe: str = "default") -> dict:
     cmd = [sys.executable, "-m", "amp.cli", "prune", str(folder), "--ratio", str(args.ratio), "--out", str(out),
            "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-           "--batch-size", "8", "--device", args.device, "--overwrite", "--quiet"]
+           "--batch-size", "8", "--device", args.device, "--overwrite", "--quiet", *RECIPES[recipe]]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     if not stream:
@@ -116,7 +127,10 @@ def run_prune(folder: Path, out: Path, args, stream: bool) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="llama2-7b", help=f"comma list of {', '.join(PRESETS)}")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's, >= 6 GB)")
+    p.add_argument("--layers", default=None, help="decoder layers, or a comma list with --recipes (default: the "
+                   "preset's, >= 6 GB)")
+    p.add_argument("--recipes", default=None, help="comma list of default, paper: each streamed prune of each "
+                   "--layers count side by side (peak host RSS, time, memory by pass) instead of stream vs memory")
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=128)
@@ -131,19 +145,19 @@ def main():
     for preset in args.shapes.split(","):
         if preset not in PRESETS:
             raise SystemExit(f"unknown --shapes {preset!r}; choose from {', '.join(PRESETS)}")
-        more_rows, more_summary = bench_one(preset, args)
+        more_rows, more_summary = bench_recipes(preset, args) if args.recipes else bench_one(preset, args)
         rows += more_rows
         summary += more_summary
     keys = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k, "") for k in keys} for r in rows]
     for line in summary:
         print(line)
-    record("bench_stream", rows, summary, Path(args.out))
+    record("bench_stream_recipes" if args.recipes else "bench_stream", rows, summary, Path(args.out))
 
 
 def bench_one(preset: str, args) -> tuple[list[dict], list[str]]:
     from amp.io.models import cache_dir
-    layers = args.layers or PRESETS[preset][3]
+    layers = int(args.layers) if args.layers else PRESETS[preset][3]
     folder = Path(args.cache or cache_dir() / "bench") / f"{preset}-shapes-{layers}L-bf16"
     folder, gen_s = synthetic_checkpoint(folder, layers, preset)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -195,6 +209,86 @@ def bench_one(preset: str, args) -> tuple[list[dict], list[str]]:
                        f"of the checkpoint; streaming needs {s['peak_rss_bytes'] / m['peak_rss_bytes']:.2f}x its "
                        f"memory and {s['wall_s'] / m['wall_s']:.2f}x its wall time (same run).")
     return rows, summary
+
+
+def bench_recipes(preset: str, args) -> tuple[list[dict], list[str]]:
+    """Every recipe at every layer count, streamed, each prune in its own process, recipes alternated."""
+    from amp.io.models import cache_dir
+    from amp.io.safetensors_io import Checkpoint
+    recipes = args.recipes.split(",")
+    for r in recipes:
+        if r not in RECIPES:
+            raise SystemExit(f"unknown --recipes {r!r}; choose from {', '.join(RECIPES)}")
+    counts = [int(n) for n in (args.layers or "4,8").split(",")]
+    rows, runs = [], {}
+    for layers in counts:
+        folder = Path(args.cache or cache_dir() / "bench") / f"{preset}-shapes-{layers}L-bf16"
+        folder, _ = synthetic_checkpoint(folder, layers, preset)
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        layer_bytes = sum(t.nbytes for n, t in Checkpoint(folder).tensors.items() if n.startswith("model.layers.0."))
+        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+            for recipe in recipes:
+                run = run_prune(folder, Path(tmp) / recipe, args, True, recipe)
+                runs[(recipe, layers)] = run
+                rep = run["report"]
+                row = {"shapes": preset, "recipe": recipe, "layers": layers, "checkpoint_gib": round(size / 2**30, 3),
+                       "layer_gib": round(layer_bytes / 2**30, 3),
+                       "limit_gib": round(0.4 * size / 2**30 + 1, 3),
+                       "peak_rss_gib": round(run["peak_rss_bytes"] / 2**30, 3), "wall_s": round(run["wall_s"], 1),
+                       "kl_measured": rep["allocation"].get("heldout_kl", {}).get("measured", ""),
+                       "kept_bytes": rep["memory"].get("kept_bytes", ""),
+                       "kept_bytes_per_layer": rep["memory"].get("kept_bytes_per_layer", "")}
+                for name, v in rep["memory"].get("passes", {}).items():
+                    row[f"{name}_s"] = round(v["seconds"], 1)
+                    row[f"{name}_peak_gib"] = round(v["peak_rss_mb"] / 1024, 3)
+                rows.append(row)
+                print(f"{preset} {layers} layers, {recipe}: peak RSS {row['peak_rss_gib']} GiB (limit "
+                      f"{row['limit_gib']}), {row['wall_s']} s", flush=True)
+    summary = [f"Synthetic {preset}-shaped bf16 checkpoints ({', '.join(map(str, counts))} layers), streamed prune at "
+               f"{args.ratio:.0%} on {args.device}, {args.nsamples} x {args.seqlen} calibration tokens ({args.calib}); "
+               "each prune in its own process; peak host RSS = ru_maxrss."]
+    for r in rows:
+        summary.append(f"- {r['layers']} layers ({r['checkpoint_gib']} GiB), {r['recipe']}: peak {r['peak_rss_gib']} GiB "
+                       f"(limit 40 % + 1 GiB = {r['limit_gib']}), {r['wall_s']} s" +
+                       (f"; by pass: " + ", ".join(f"{k[:-9]} {r[k]}" for k in r if k.endswith("_peak_gib"))
+                        if any(k.endswith("_peak_gib") for k in r) else ""))
+    if len(counts) > 1:
+        lo, hi = min(counts), max(counts)
+        layer_gib = rows[0]["layer_gib"]
+        for recipe in recipes:
+            grow = (runs[(recipe, hi)]["peak_rss_bytes"] - runs[(recipe, lo)]["peak_rss_bytes"]) / 2**30
+            summary.append(f"{recipe}: the peak grows {grow:+.3f} GiB from {lo} to {hi} layers (one layer in bf16: "
+                           f"{layer_gib} GiB)")
+    if "default" in recipes and "paper" in recipes:
+        for layers in counts:
+            d, p = runs[("default", layers)], runs[("paper", layers)]
+            summary.append(f"{layers} layers: the default takes {d['wall_s'] / p['wall_s']:.2f}x the paper's recipe's "
+                           f"time and {d['peak_rss_bytes'] / p['peak_rss_bytes']:.2f}x its peak host RSS (same run)")
+    summary += projections()
+    return rows, summary
+
+
+def projections() -> list[str]:
+    """What one layer's prune holds, by term, for large models on one 80 GB GPU (calibration activations on the
+    device when they fit): the layer in bf16, the widest Gram (fp64; a mixture's: one per expert), the fp32 copy
+    of the weight a path scores, and 64 x 2048 tokens of hidden states in bf16. Host memory holds the kept
+    curves (measured here: a few hundred points per block) and, when they do not fit on the device, the
+    activations."""
+    out = ["Projected device memory of the default prune, one layer resident (terms: layer bf16 + widest fp64 Gram "
+           "+ fp32 weight copy + 64 x 2048 tokens of bf16 hidden states):"]
+    for name, m in PROJECTIONS.items():
+        h, q, kv, d, inter, e = m["hidden"], m["heads"], m["kv"], m["head_dim"], m["inter"], m["experts"]
+        attn = h * d * (2 * q + 2 * kv)
+        mlp = 3 * h * inter * max(e, 1) + (h * e if e else 0)
+        layer = 2 * (attn + mlp)
+        gram = 8 * max(e, 1) * inter ** 2 if e else 8 * max(inter, q * d) ** 2
+        weight = 4 * h * inter * max(e, 1) if e else 4 * h * inter
+        acts = 2 * 64 * 2048 * h
+        total = layer + gram + weight + acts
+        out.append(f"- {name}: layer {layer / 2**30:.1f} GiB + Gram {gram / 2**30:.1f} + weight {weight / 2**30:.1f} + "
+                   f"activations {acts / 2**30:.1f} = {total / 2**30:.1f} GiB of 80; the whole model "
+                   f"{(m['layers'] * layer + 2 * 2 * h * m['vocab']) / 2**30:.0f} GiB in bf16")
+    return out
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -69,7 +70,8 @@ class ActivationStore:
         elif where == "disk":
             if folder is None:
                 raise AmpError("--offload disk needs a staging folder (prune_checkpoint provides one)")
-            self.path = Path(folder) / "calibration_activations.bin"
+            # a name of its own: the calibration store and the kl allocation's per-layer inputs can both be on disk
+            self.path = Path(folder) / f"activations-{uuid.uuid4().hex}.bin"
             flat = torch.from_file(str(self.path), shared=True, size=max(sum(numels), 1), dtype=dtype)
             self.slots, start = [], 0
             for shape, n in zip(shapes, numels):

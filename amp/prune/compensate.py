@@ -26,47 +26,67 @@ MODES = ("none", "bias", "refit", "bias+refit")
 # Below this many calibration tokens per input channel of a refit projection, the report warns: on SmolLM2 a
 # down_proj refit on 2.9k Alpaca tokens (1.9 per channel) was worse than no refit, on 32k C4 tokens (21) better.
 MIN_TOKENS_PER_CHANNEL = 10
+BLOCK = 1024  # columns of a Gram-sized matrix handled at a time (what a temporary costs: width x BLOCK)
 
 
 @dataclass
 class Gram:
-    """sum x x^T, sum x and the token count of one projection's input (fp64; each batch's product in fp32)."""
+    """sum x x^T, sum x and the token count of one projection's input (fp64, or fp32 where it only ranks
+    structures; each batch's product in fp32)."""
     matrix: torch.Tensor
     total: torch.Tensor
     count: int = 0
 
     @classmethod
-    def zeros(cls, width: int, device) -> "Gram":
-        return cls(torch.zeros(width, width, dtype=torch.float64, device=device),
+    def zeros(cls, width: int, device, dtype: torch.dtype = torch.float64) -> "Gram":
+        """`dtype`: fp64 where a refit solves with it; fp32 where it only ranks (half the memory)."""
+        return cls(torch.zeros(width, width, dtype=dtype, device=device),
                    torch.zeros(width, dtype=torch.float64, device=device))
 
     def add(self, rows: torch.Tensor) -> None:
+        """Each batch's product in fp32, added into the fp64 sum a block of columns at a time: a whole product
+        and its fp64 copy beside the sum would triple the Gram's memory (3 GB at LLaMA-2-7B's down_proj)."""
         rows = rows.float()
-        self.matrix += (rows.T @ rows).double()
+        for start in range(0, self.matrix.shape[1], BLOCK):
+            block = slice(start, start + BLOCK)
+            self.matrix[:, block].add_(rows.T @ rows[:, block])  # the fp32 product, added in the sum's dtype
         self.total += rows.sum(dim=0).double()
         self.count += rows.shape[0]
 
-    def augmented(self) -> torch.Tensor:
-        """The Gram matrix of [x; 1]: (width + 1) square, the constant channel last."""
-        w = self.matrix.shape[0]
-        g = self.matrix.new_empty(w + 1, w + 1)
-        g[:w, :w] = self.matrix
+    def augmented(self, matrix: torch.Tensor | None = None) -> torch.Tensor:
+        """The Gram matrix of [x; 1]: (width + 1) square, the constant channel last (`matrix`: this Gram's
+        matrix where it was lent out, see obs._lent_gram)."""
+        matrix = self.matrix if matrix is None else matrix
+        w = matrix.shape[0]
+        g = matrix.new_empty(w + 1, w + 1)
+        g[:w, :w] = matrix
         g[:w, w] = g[w, :w] = self.total
         g[w, w] = float(self.count)
         return g
 
 
-def _error(target: torch.Tensor, approx: torch.Tensor, g: torch.Tensor) -> float:
-    """sum over tokens of ||(target - approx) [x; 1]||^2 = tr(D G D^T)."""
-    d = target - approx
-    return float(((d @ g) * d).sum())
+def _gram_rows(gram: Gram, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of the Gram of [x; 1] ((len(rows), width + 1); index `width` is the constant channel), without
+    forming the whole augmented matrix."""
+    n = gram.matrix.shape[0]
+    inner = rows.clamp_max(n - 1)
+    out = torch.cat([gram.matrix.index_select(0, inner), gram.total.index_select(0, inner)[:, None]], dim=1)
+    const = rows == n
+    if bool(const.any()):
+        out[const] = torch.cat([gram.total, gram.total.new_tensor([float(gram.count)])])
+    return out
 
 
 def refit(linear: nn.Linear, gram: Gram, kept: torch.Tensor, damp: float, with_bias: bool) -> dict:
     """Refits the kept input columns of `linear` (and, `with_bias`, shifts its bias) to reproduce its full
     output over the calibration tokens; returns the relative reconstruction errors without and with the refit.
     Leaves the weight's full width (the caller slices the kept columns away afterwards): removed columns are
-    zeroed, so the layer computes what the pruned layer will."""
+    zeroed, so the layer computes what the pruned layer will.
+
+    Memory: the Gram is read a block of rows at a time; besides it, the refit holds its kept block (the matrix
+    it factorizes, in place) and out x kept products, never a second matrix of the Gram's size. The errors come
+    from the normal equations instead of a full quadratic form each: with F the fitted columns, R = W G[:, K]
+    and L the damping, tr(F G_KK F^T) = <F, R + (W_K - F) L>."""
     if damp <= 0:
         raise AmpError(f"--damp must be positive, got {damp}")
     weight = linear.weight.detach()
@@ -74,25 +94,39 @@ def refit(linear: nn.Linear, gram: Gram, kept: torch.Tensor, damp: float, with_b
     w = weight.to(dev, torch.float64)
     width = w.shape[1]
     kept = kept.to(dev)
-    g = gram.augmented()
-    target = torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1)        # [W, 0]: the bias already there stays
-    cols = torch.cat([kept, kept.new_tensor([width])]) if with_bias else kept
-    plain = target.clone()
-    plain[:, _removed(kept, width + 1)] = 0                              # no compensation: the columns just go
-    g_kk = g[cols][:, cols].clone()
+    removed = _removed(kept, width)
+    cols = torch.cat([kept, kept.new_tensor([width])]) if with_bias else kept   # K, in [x; 1]'s channels
     lam = damp * float(torch.diagonal(gram.matrix).mean())
     diag = torch.full((len(cols),), lam, dtype=torch.float64, device=dev)
     if with_bias:
         diag[-1] = 0.0                                                   # the bias is one value per row: no prior
-    g_kk += torch.diag(diag)
-    prior = plain[:, cols]                                               # W[:, K] (and no bias shift)
-    rhs = target @ g[:, cols] + prior * diag                             # W G[:, K] + lam W[:, K]
-    chol, info = torch.linalg.cholesky_ex(g_kk)
-    fitted = torch.cholesky_solve(rhs.T, chol).T if int(info) == 0 else torch.linalg.lstsq(g_kk, rhs.T).solution.T
-    approx = torch.zeros_like(target)
-    approx[:, cols] = fitted
-    reference = max(_error(target, torch.zeros_like(target), g), 1e-30)
-    before, after = _error(target, plain, g) / reference, _error(target, approx, g) / reference
+    prior = torch.zeros(w.shape[0], len(cols), dtype=torch.float64, device=dev)
+    prior[:, :len(kept)] = w[:, kept]                                    # W[:, K] (and no bias shift)
+    rhs, reference = torch.zeros_like(prior), 0.0                        # R = W G[:, K]; tr(W G W^T)
+    for rows in torch.arange(width, device=dev).split(BLOCK):
+        g_rows = _gram_rows(gram, rows)
+        wg = w[:, rows] @ g_rows[:, :width]                              # (out, width): this block's share of W G
+        reference += float((wg * w).sum())
+        rhs += wg.index_select(1, kept) if not with_bias else \
+            torch.cat([wg.index_select(1, kept), w[:, rows] @ g_rows[:, width:]], dim=1)
+        del wg, g_rows
+    before = 0.0                                                         # tr(W_C G_CC W_C^T): the columns just go
+    for rows in removed.split(BLOCK):
+        before += float(((w[:, rows] @ _gram_rows(gram, rows).index_select(1, removed)) * w[:, removed]).sum())
+    g_kk = torch.cat([_gram_rows(gram, rows).index_select(1, cols) for rows in cols.split(BLOCK)])
+    torch.diagonal(g_kk).add_(diag)
+    info = torch.empty((), dtype=torch.int32, device=dev)
+    torch.linalg.cholesky_ex(g_kk, out=(g_kk, info))                     # the factor overwrites its matrix
+    if int(info) == 0:
+        fitted = torch.cholesky_solve((rhs + prior * diag).T, g_kk).T
+    else:
+        g_kk = torch.cat([_gram_rows(gram, rows).index_select(1, cols) for rows in cols.split(BLOCK)])
+        g_kk += torch.diag(diag)
+        fitted = torch.linalg.lstsq(g_kk, (rhs + prior * diag).T).solution.T
+    del g_kk
+    # after = tr((W - F) G (W - F)^T) over [x; 1] = tr(W G W^T) - 2 <F, R> + tr(F G_KK F^T)
+    after = reference - float((fitted * rhs).sum()) + float((fitted * (prior - fitted) * diag).sum())
+    reference = max(reference, 1e-30)
     new_weight = torch.zeros_like(w)
     new_weight[:, kept] = fitted[:, :len(kept)]
     linear.weight.data.copy_(new_weight.to(weight.device, weight.dtype))
@@ -102,7 +136,7 @@ def refit(linear: nn.Linear, gram: Gram, kept: torch.Tensor, damp: float, with_b
             linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device),
                                        requires_grad=False)
         linear.bias.data += shift.to(linear.bias.device, linear.bias.dtype)
-    return {"error_before": before, "error_after": after}
+    return {"error_before": before / reference, "error_after": max(after, 0.0) / reference}
 
 
 def _removed(kept: torch.Tensor, width: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..arch import Geometry, spec_for
 from ..common.dtypes import TORCH_DTYPES, resolve_compute_dtype
 from ..common.errors import AmpError
+from ..common.memory import release_free_memory
 from ..common.profiling import PhaseTimer
 from ..io.activations import ActivationStore, choose_offload
 from ..io.calibration import make_batches
@@ -80,6 +81,8 @@ class PruneRun:
         self.calibration, self.pad_id, self.staging = None, 0, None
         self.fisher = None  # per layer fisher.LayerFisher (the KL allocation)
         self.held = None    # fisher.HeldOut: the held-back windows, moved on through every pruned layer
+        self.passes = PhaseTimer(config.device)  # time and peak memory per pass (the report's memory.passes)
+        self.kept_state: dict = {}  # what the two-pass prune keeps of every layer until the solve (bytes)
 
     def layer_args(self, index: int):
         """batch -> (args, kwargs) that layer `index` receives (its own mask and rotary tables), on the device."""
@@ -123,10 +126,13 @@ class PruneRun:
                 yield index, layer
             finally:
                 self.source.release_layer(index)
+                release_free_memory()  # the layer's temporaries go back to the system, not to the next layer
 
-    def path_request(self, index: int, cut: Cut | None = None, within=None) -> PathRequest | None:
+    def path_request(self, index: int, cut: Cut | None = None, within=None, keep_gram: bool = False
+                     ) -> PathRequest | None:
         """What the Gram-based paths of layer `index` must give (obs criterion, kl allocation): up to the cut, or
-        to the per-layer floor when the allocation is still to be decided; `within`: the KV groups that stay."""
+        to the per-layer floor when the allocation is still to be decided; `within`: the KV groups that stay;
+        `keep_gram`: a refit follows, so the Grams wait in the staging folder while the paths run."""
         if not self.config.paths:
             return None
         g, query = self.geom, self.config.heads == "query"
@@ -137,7 +143,8 @@ class PruneRun:
         return PathRequest(choose=self.config.criterion == "obs", query=query, attention=attention, neurons=neurons,
                            refit=self.refit, damp=self.config.damp, bias=self.bias and self.refit,
                            fisher=self.fisher[index] if self.fisher is not None else None,
-                           within_kv=within if query and g.is_gqa else None)
+                           within_kv=within if query and g.is_gqa else None, keep_gram=keep_gram,
+                           staging=self.staging)
 
     def observe(self, index: int, layer, sensitivity=None, gram: bool = False, dense: bool = True,
                 paths: bool = False, cut: Cut | None = None, within=None) -> Observation:
@@ -158,7 +165,7 @@ class PruneRun:
                                  self.token_mask, sensitivity, gram=gram, propagate=dense,
                                  means=self.bias and not self.refit,  # bias+refit: the Gram's affine fit
                                  moe=self.moe_layers[index],
-                                 paths=self.path_request(index, cut, within) if paths else None)
+                                 paths=self.path_request(index, cut, within, keep_gram=gram) if paths else None)
 
     def decide_refit(self, tokens: int) -> str | None:
         """--compensate auto: a refit when every refit projection gets enough calibration tokens per input

@@ -19,13 +19,21 @@ form tr(W_C G_CC W_C^T), and `plain_path` chooses greedily by its increase.
 """
 from __future__ import annotations
 
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path as FilePath
 
+import numpy
 import torch
+
+from ..common.errors import AmpError
 
 # Removal steps per path: a neuron path moves in batches of n / STEPS columns (the ones with the least error,
 # then one joint update); measured on SmolLM2's down_proj, finer batches change the chosen sets by a few neurons.
 STEPS = 256
+SPILL_ROWS = 1024  # rows of a Gram written or read at a time when it waits on disk
+GRAM_BLOCK = 1024  # columns of W^T W formed at a time (plain_path): a temporary of width x GRAM_BLOCK
 
 
 @dataclass
@@ -43,18 +51,25 @@ class Path:
         return s
 
 
-def damped(matrix: torch.Tensor, damp: float) -> torch.Tensor:
-    """G + lam I with lam = damp x mean diag G (compensate.refit's damping), fp64."""
-    g = matrix.double()
+def damped(matrix: torch.Tensor, damp: float, in_place: bool = False) -> torch.Tensor:
+    """G + lam I with lam = damp x mean diag G (compensate.refit's damping), fp64; `in_place`: into G's own
+    storage (an fp64 G the caller no longer needs), so that a path holds one matrix of the Gram's size."""
+    g = matrix if in_place and matrix.dtype == torch.float64 else matrix.double().clone()
     lam = damp * float(torch.diagonal(g).mean())
-    return g + torch.eye(g.shape[0], dtype=g.dtype, device=g.device) * max(lam, 1e-12)
+    torch.diagonal(g).add_(max(lam, 1e-12))
+    return g
 
 
 def _inverse(h: torch.Tensor) -> torch.Tensor:
-    chol, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0:
-        return torch.cholesky_inverse(chol)
-    return torch.linalg.pinv(h, hermitian=True)
+    """H^-1 for a damped Gram H, computed in H's own storage: LAPACK's Cholesky and its inverse work in place, so
+    a path holds one matrix of the Gram's size where a factor and an inverse beside it would hold three."""
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, out=(h, info))
+    if int(info) != 0:  # G + lam I with lam > 0 fails only when lam drowns in rounding (or G holds NaN / inf)
+        raise AmpError("a layer's damped Gram matrix is not positive definite (non-finite calibration "
+                       "activations, or --damp too small for their scale); raise --damp")
+    torch.cholesky_inverse(h, out=h)
+    return h
 
 
 def _cols(groups: torch.Tensor, width: int) -> torch.Tensor:
@@ -73,18 +88,19 @@ def _allowed(alive: torch.Tensor, families: torch.Tensor | None, protect: torch.
 
 def refit_path(weight: torch.Tensor, h: torch.Tensor, width: int, count: int, *, order=None, forced=(),
                row_weights: torch.Tensor | None = None, step: int = 1, families: torch.Tensor | None = None,
-               protect: torch.Tensor | None = None, groups: int | None = None) -> Path:
+               protect: torch.Tensor | None = None, groups: int | None = None, consume: bool = False) -> Path:
     """The first `count` groups of `width` columns of `weight` (out, n) to remove, greedily by the error the refit
     leaves under the damped Gram `h` (n, n). `order`: remove in this order instead (a path along another
     criterion's ranking); `forced`: groups that go first, in this order; `step`: groups removed per update (their
     joint error is exact, its split among them proportional to their own errors); `families`, `protect`: a group's
     family, and the families that must keep one alive member (the kept KV groups of single query heads);
-    `groups`: how many groups the leading columns form (default: all columns; more columns are never removed)."""
+    `groups`: how many groups the leading columns form (default: all columns; more columns are never removed);
+    `consume`: `h` (fp64) becomes H^-1 in place (the caller no longer needs it), else it is copied first."""
     dev = h.device
     w = weight.detach().to(dev, torch.float64, copy=True)  # updated in place below
     if row_weights is not None:
         w = w * row_weights.to(dev, torch.float64).clamp_min(0).sqrt()[:, None]
-    hinv = _inverse(h.double())
+    hinv = _inverse(h if consume and h.dtype == torch.float64 else h.double().clone())
     groups = groups or w.shape[1] // width
     alive = torch.ones(groups, dtype=torch.bool, device=dev)
     forced = [int(g) for g in forced]
@@ -124,7 +140,7 @@ def _group_costs(w: torch.Tensor, hinv: torch.Tensor, candidates: torch.Tensor, 
     """E(group) = tr(W_g ([H^-1]_gg)^-1 W_g^T) for every candidate group."""
     if width == 1:
         d = torch.diagonal(hinv)[candidates].clamp_min(1e-30)
-        return w[:, candidates].square().sum(0) / d
+        return torch.linalg.vector_norm(w, dim=0)[candidates].square() / d  # no out x n temporary
     cols = _cols(candidates, width).view(len(candidates), width)
     blocks = hinv[cols[:, :, None], cols[:, None, :]]                      # (g, width, width)
     inv = torch.linalg.inv(blocks)
@@ -149,31 +165,57 @@ def _remove(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> float:
     return max(err, 0.0)
 
 
+def _product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """W^T W for plain_path: in bf16 for a bf16 layer (its weights are bf16 values; BLAS accumulates the products in
+    fp32 and rounds each entry once, 2^-9 relative, for twice fp32's speed on CPUs with bf16 units), in fp64 for
+    fp64 weights (the tests' exact comparisons), else in fp32 (fp16 sums can overflow or underflow)."""
+    if dtype in (torch.bfloat16, torch.float64):
+        return dtype
+    return torch.float32
+
+
 def plain_path(weight: torch.Tensor, g: torch.Tensor, width: int, count: int, *, order=None,
-               row_weights: torch.Tensor | None = None) -> Path:
-    """As refit_path, for a projection that is not refit: the error of removing columns C is tr(W_C G_CC W_C^T);
-    greedily, the group whose removal adds the least goes next."""
+               row_weights: torch.Tensor | None = None, step: int = 1, consume: bool = False) -> Path:
+    """As refit_path, for a projection that is not refit: the error of removing columns C is tr(W_C G_CC W_C^T)
+    = sum over C x C of M = (W^T W) o G; greedily, the group whose removal adds the least goes next (`step`
+    groups at a time: their joint error exact, its split proportional to their own). `consume`: M is built in
+    G's own storage (the caller no longer needs G), a block of columns at a time, so that the path holds
+    no second matrix of the Gram's size; else G is copied first. W^T W's products run in the precision the layer
+    computes in (_product_dtype); the errors are summed in fp64."""
     dev = g.device
-    w = weight.detach().to(dev, torch.float64, copy=True)  # updated in place below
+    w = weight.detach().to(dev, _product_dtype(weight.dtype), copy=True)
     if row_weights is not None:
-        w = w * row_weights.to(dev, torch.float64).clamp_min(0).sqrt()[:, None]
-    m = (w.T @ w) * g.double()                                             # (n, n)
+        w.mul_(row_weights.to(dev, torch.float32).clamp_min(0).sqrt().to(w.dtype)[:, None])
+    m = g if consume and g.is_floating_point() else g.double().clone()  # M in G's dtype (fp32: a ranking)
+    for start in range(0, m.shape[1], GRAM_BLOCK):
+        block = slice(start, start + GRAM_BLOCK)
+        m[:, block].mul_(w.T @ w[:, block])  # promoted into M's dtype in place: no copy of the block
+    del w
     groups = m.shape[0] // width
     if width > 1:
         m = m.view(groups, width, groups, width).sum(dim=(1, 3))
-    marginal = torch.diagonal(m).clone()
+    marginal = torch.diagonal(m).double()
     alive = torch.ones(groups, dtype=torch.bool, device=dev)
     queue = [int(x) for x in order] if order is not None else None
     out_order, errors = [], [0.0]
-    for _ in range(min(count, groups)):
+    while len(out_order) < min(count, groups):
+        k = min(step, count - len(out_order), groups - len(out_order))
         if queue is not None:
-            j = queue.pop(0)
+            chosen = queue[:k]
+            del queue[:k]
         else:
-            j = int(torch.where(alive, marginal, torch.full_like(marginal, float("inf"))).argmin())
-        errors.append(errors[-1] + max(float(marginal[j]), 0.0))
-        out_order.append(j)
-        alive[j] = False
-        marginal += 2 * m[:, j]
+            masked = torch.where(alive, marginal, torch.full_like(marginal, float("inf")))
+            chosen = torch.topk(masked, k, largest=False).indices.tolist()
+        rows = m[chosen]                                                     # (k, groups): M is symmetric
+        own = marginal[chosen].clamp_min(0)
+        inner = rows[:, chosen]                                              # within the step
+        joint = float(own.sum() + inner.sum() - torch.diagonal(inner).sum())
+        share = own / own.sum() if float(own.sum()) > 0 else torch.full_like(own, 1 / len(chosen))
+        for j, part in zip(chosen, share.tolist()):
+            out_order.append(j)
+            errors.append(errors[-1] + max(joint, 0.0) * part)
+        alive[chosen] = False
+        marginal += 2 * rows.double().sum(0)
     return Path(out_order, errors)
 
 
@@ -192,36 +234,78 @@ class PathRequest:
     bias: bool = False             # the refit is affine (bias+refit): the constant channel is kept and undamped
     fisher: object = None          # fisher.LayerFisher: errors weighted into predicted KL (nats per token)
     within_kv: torch.Tensor | None = None  # single query heads after an allocation: the KV groups that stay
+    keep_gram: bool = False        # a refit follows in the same pass: the Grams must outlive the paths
+    staging: object = None         # a folder where a kept Gram waits while its path runs (None: a copy in memory)
 
 
-def _hessian(gram, damp: float, bias: bool) -> torch.Tensor:
-    """The damped Gram that compensate.refit solves with: G + lam I, or with the bias, the Gram of [x; 1] with
-    the constant channel undamped."""
+def _hessian(gram, matrix: torch.Tensor, damp: float, bias: bool) -> torch.Tensor:
+    """The damped Gram that compensate.refit solves with, in `matrix`'s storage (lent by _lent_gram): G + lam I,
+    or with the bias, the Gram of [x; 1] with the constant channel undamped (one size larger: a new matrix)."""
     if not bias:
-        return damped(gram.matrix, damp)
-    g = gram.augmented().double()
-    lam = damp * float(torch.diagonal(gram.matrix).mean())
-    diag = torch.full((g.shape[0],), max(lam, 1e-12), dtype=g.dtype, device=g.device)
-    diag[-1] = 0.0
-    return g + torch.diag(diag)
+        return damped(matrix, damp, in_place=True)
+    lam = damp * float(torch.diagonal(matrix).mean())
+    h = gram.augmented(matrix)
+    del matrix
+    torch.diagonal(h)[:-1].add_(max(lam, 1e-12))
+    return h
+
+
+@contextmanager
+def _lent_gram(gram, keep: bool, staging):
+    """The Gram's matrix, for a path to consume in place (its damping, Cholesky and inverse overwrite it). Where a
+    refit still needs the Gram after the path (`keep`), it is written to the staging folder first and read back
+    afterwards, so that one matrix of its size is resident at a time; without a staging folder (a model pruned
+    in memory, which holds the whole model anyway) the path takes a copy instead."""
+    if not keep:
+        matrix, gram.matrix = gram.matrix, None  # the path's to overwrite; nobody reads this Gram again
+        yield matrix
+        return
+    if staging is None:
+        yield gram.matrix.clone()
+        return
+    spill = FilePath(staging) / f"gram-{uuid.uuid4().hex}.bin"
+    shape, dtype, device = gram.matrix.shape, gram.matrix.dtype, gram.matrix.device
+    try:
+        with open(spill, "wb") as f:
+            for rows in gram.matrix.split(SPILL_ROWS):
+                f.write(rows.cpu().numpy().tobytes())
+        matrix, gram.matrix = gram.matrix, None
+        yield matrix
+        del matrix
+        restored = torch.empty(shape, dtype=dtype, device=device)
+        with open(spill, "rb") as f:
+            for rows in restored.split(SPILL_ROWS):
+                data = numpy.fromfile(f, dtype=rows.cpu()[:0].numpy().dtype, count=rows.numel())
+                rows.copy_(torch.from_numpy(data).view(rows.shape))
+        gram.matrix = restored
+    finally:
+        spill.unlink(missing_ok=True)
 
 
 def _path(weight, gram, width: int, count: int, request: PathRequest, rows, order=None, **constraints) -> Path:
     if not request.refit:
-        return plain_path(weight, gram.matrix, width, count, order=order, row_weights=rows)
-    h = _hessian(gram, request.damp, request.bias)
+        step = 1 if width > 1 else max(1, weight.shape[1] // STEPS)
+        with _lent_gram(gram, request.keep_gram, request.staging) as matrix:
+            return plain_path(weight, matrix, width, count, order=order, row_weights=rows, step=step, consume=True)
     w = weight.detach()
     if request.bias:  # [W, 0]: the constant channel belongs to no structure, so it is never removed
         w = torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1)
     step = 1 if width > 1 else max(1, weight.shape[1] // STEPS)
-    return refit_path(w, h, width, count, order=order, row_weights=rows, step=step,
-                      groups=weight.shape[1] // width, **constraints)
+    with _lent_gram(gram, request.keep_gram, request.staging) as matrix:
+        h = _hessian(gram, matrix, request.damp, request.bias)
+        del matrix
+        return refit_path(w, h, width, count, order=order, row_weights=rows, step=step,
+                          groups=weight.shape[1] // width, consume=True, **constraints)
 
 
-def _curve(path: Path, tokens: int, weighted: bool) -> dict[int, float]:
-    """k removed -> error per calibration token (x 1/2 with Fisher weights: predicted KL in nats per token)."""
+def _curve(path: Path, tokens: int, weighted: bool, step: int = 1) -> dict[int, float]:
+    """k removed -> error per calibration token (x 1/2 with Fisher weights: predicted KL in nats per token), at
+    the ends of the path's steps only: there the errors are exact (within a step they are a proportional split),
+    and the budget solve interpolates between them, so what a layer hands on to the solve is a few hundred
+    floats per block, not one per neuron."""
     scale = (0.5 if weighted else 1.0) / max(tokens, 1)
-    return {k: e * scale for k, e in enumerate(path.errors) if k}
+    last = len(path.errors) - 1
+    return {k: path.errors[k] * scale for k in range(1, last + 1) if k % step == 0 or k == last}
 
 
 def layer_paths(layer, spec, geom, stats, request: PathRequest, head_scores=None, neuron_scores=None):
@@ -257,7 +341,8 @@ def layer_paths(layer, spec, geom, stats, request: PathRequest, head_scores=None
     path = _path(down, stats.down_gram, 1, request.neurons, request, fisher.mlp if fisher is not None else None,
                  order)
     neurons = path.scores(geom.intermediate) if request.choose else neuron_scores
-    return heads, neurons, attention_curve, _curve(path, stats.tokens, fisher is not None)
+    step = max(1, geom.intermediate // STEPS)  # _path's neuron steps
+    return heads, neurons, attention_curve, _curve(path, stats.tokens, fisher is not None, step)
 
 
 def expert_paths(layer, moe, stats, request, tokens: int, scores=None):
@@ -275,7 +360,8 @@ def expert_paths(layer, moe, stats, request, tokens: int, scores=None):
     neuron_scores = torch.zeros(n, width) if scores is None else scores[1]
     for e in range(n):
         order = None if scores is None else torch.argsort(scores[1][e], stable=True).tolist()
-        path = plain_path(down[e], stats.grams[e], 1, width, order=order, row_weights=rows)
+        path = plain_path(down[e], stats.grams[e], 1, width, order=order, row_weights=rows,
+                          step=max(1, width // STEPS), consume=True)  # each expert's Gram goes after its path
         neuron_cost[e] = torch.tensor(path.errors, dtype=torch.float64) * scale
         expert_cost[e] = neuron_cost[e, -1]  # every neuron gone = the expert's whole output
         if scores is None:

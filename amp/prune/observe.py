@@ -150,8 +150,12 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_ar
     if config.needs_calibration:
         tokens = 0
         moments = config.criterion in MOMENT_CRITERIA or means
+        # a refit solves with the Grams (fp64); without one they only rank structures (fp32: half the memory,
+        # the larger half of what a streamed default prune holds at its peak)
+        refit = gram or (paths is not None and paths.refit)
         with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments, gram or paths is not None, moe,
-                              expert_grams=paths is not None and moe) as stats:
+                              expert_grams=paths is not None and moe,
+                              gram_dtype=torch.float64 if refit else torch.float32) as stats:
             for b in range(len(store)):
                 token_mask.set(masks[b])
                 x = store.get(b)

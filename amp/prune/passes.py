@@ -10,6 +10,7 @@ the dense outputs, as the paper does). Peak memory is one layer plus the store, 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -55,7 +56,8 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
     if run.config_biases:
         notes.append("bias compensation: biases enabled (attention_bias, mlp_bias) to hold it; q/k/v and "
                      "gate/up biases are zero")
-    n_tokens = run.capture(calibration, pad_id, staging) if config.needs_calibration else 0
+    with run.passes.phase("calibration"):
+        n_tokens = run.capture(calibration, pad_id, staging) if config.needs_calibration else 0
     note = run.decide_refit(n_tokens)
     if note:
         notes.append(note)
@@ -68,11 +70,12 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
                                    geom.intermediate - the_plan.neurons_removed, geom.head_dim, run.config_biases)
             with run.timer.phase("write"):
                 sink.begin(target)
-            for index, layer in run.layers(f"pruning ({config.criterion})"):
-                cut = Cut(the_plan.attn_units_removed, the_plan.neurons_removed)
-                obs = run.observe(index, layer, gram=run.refit, dense=not config.sequential,
-                                  paths=config.criterion == "obs", cut=cut)
-                kept.append(run.cut(index, layer, obs, sink, cut))
+            with run.passes.phase("cut"):
+                for index, layer in run.layers(f"pruning ({config.criterion})"):
+                    cut = Cut(the_plan.attn_units_removed, the_plan.neurons_removed)
+                    obs = run.observe(index, layer, gram=run.refit, dense=not config.sequential,
+                                      paths=config.criterion == "obs", cut=cut)
+                    kept.append(run.cut(index, layer, obs, sink, cut))
         else:
             target, kept, allocation = _two_passes(run, sink, the_plan, held_out)
     finally:
@@ -98,7 +101,8 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             "outside_params": outside,
             "offload": run.offload, "compute_dtype": dtype_name(run.dtype),
             "compute_dtype_why": run.dtype_why, "storage_dtype": dtype_name(source.storage_dtype),
-            "allocation": allocation, "target_config": target}
+            "allocation": allocation, "target_config": target,
+            "passes": {"passes": run.passes.report(), **run.kept_state}}
 
 
 def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
@@ -118,16 +122,20 @@ def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
                        "attention_max": floor(geom.num_heads if query and geom.is_gqa else geom.num_kv_heads),
                        "mlp_max": floor(geom.intermediate)}
     if config.allocation == "kl":  # the yardstick first: two reads of every layer over the held-back windows
-        run.held = HeldOut(run, held_out)
-        run.fisher = fisher_pass(run, run.held, config.seed)
-    observations = [run.observe(index, layer, sensitivity, paths=config.paths)
-                    for index, layer in run.layers("observing")]
+        with run.passes.phase("fisher"):
+            run.held = HeldOut(run, held_out)
+            run.fisher = fisher_pass(run, run.held, config.seed)
+    with run.passes.phase("curves"):
+        observations = [run.observe(index, layer, sensitivity, paths=config.paths)
+                        for index, layer in run.layers("observing")]
+    run.kept_state = kept_state(observations, run.fisher)
     uniform_groups = config.allocation == "uniform" and not query and run.spec.moe is None
     budget = the_plan.params_removed_per_layer * len(observations) if uniform_groups \
         else round(the_plan.target_ratio * the_plan.total_params)
-    removed, inputs = budget_module.allocate(observations, units, geom, config.allocation, query, config.min_keep,
-                                            budget, config.depth_range, layer_params, config.moe,
-                                            config.multiple_of)
+    with run.passes.phase("solve"):
+        removed, inputs = budget_module.allocate(observations, units, geom, config.allocation, query,
+                                                config.min_keep, budget, config.depth_range, layer_params,
+                                                config.moe, config.multiple_of)
     if run.spec.moe is not None:
         inputs["moe"] = config.moe
     if config.multiple_of > 1:
@@ -145,31 +153,56 @@ def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
     # A refit needs each layer's Gram matrices (too large to keep for every layer), a sequential prune the
     # pruned layers' outputs: both calibrate once more, from the embeddings, while cutting.
     again = config.sequential or run.refit
-    if again:
-        run.capture(run.calibration, run.pad_id, run.staging)
-    if run.held is not None:
-        run.held.capture()
-    kept = []
-    for index, layer in run.layers(f"pruning ({config.criterion}, {config.allocation})"):
-        obs, within = observations[index], None
+    with run.passes.phase("cut"):
         if again:
-            # structured OBS chooses again on the pruned prefix's outputs, within the allocated shapes
-            fresh = run.observe(index, layer, gram=run.refit, dense=not config.sequential,
-                                paths=config.criterion == "obs" and config.sequential, cut=removed[index],
-                                within=kept_kv[index])
-            if config.sequential:  # re-ranked on the pruned prefix's outputs, within the allocated shapes
-                obs, within = fresh, (kept_kv[index] if query and geom.is_gqa else None)
-            else:
-                obs.o_gram, obs.down_gram = fresh.o_gram, fresh.down_gram
-        kept.append(run.cut(index, layer, obs, sink, removed[index], within_kv=within))
-        observations[index] = None
+            run.capture(run.calibration, run.pad_id, run.staging)
+        if run.held is not None:
+            run.held.capture()
+        kept = [_cut_one(run, index, layer, observations, removed, kept_kv, again, sink)
+                for index, layer in run.layers(f"pruning ({config.criterion}, {config.allocation})")]
     if config.sequential:  # the kept query heads may differ: the maps in config.json follow them
         for shape, entry in zip(shapes, kept):
             shape["head_map"] = entry["head_map"]
         target = per_layer.per_layer_config(base, shapes)
     if run.held is not None:
-        with run.timer.phase("calibrate"):
+        with run.timer.phase("calibrate"), run.passes.phase("divergence"):
             inputs["heldout_kl"] = {"measured": float(f"{run.held.kl():.4g}"),
                                     "predicted": inputs.get("predicted_kl_total"),
                                     "samples": len(run.held.samples), "tokens": run.held.tokens}
     return target, kept, {**inputs, "heads": config.heads}
+
+
+def _cut_one(run: PruneRun, index: int, layer, observations: list, removed: list, kept_kv: list, again: bool,
+             sink) -> dict:
+    """The second pass on one resident layer: calibrated again where needed (a refit's Grams; a sequential prune
+    re-ranks on the pruned prefix's outputs, within the allocated shapes), then cut; its observation goes."""
+    config, geom = run.config, run.geom
+    query = config.heads == "query"
+    obs, within = observations[index], None
+    if again:
+        fresh = run.observe(index, layer, gram=run.refit, dense=not config.sequential,
+                            paths=config.criterion == "obs" and config.sequential, cut=removed[index],
+                            within=kept_kv[index])
+        if config.sequential:
+            obs, within = fresh, (kept_kv[index] if query and geom.is_gqa else None)
+        else:
+            obs.o_gram, obs.down_gram = fresh.o_gram, fresh.down_gram
+    entry = run.cut(index, layer, obs, sink, removed[index], within_kv=within)
+    observations[index] = None
+    return entry
+
+
+def kept_state(observations: list, fisher: list | None) -> dict:
+    """What the two-pass prune keeps of every layer from the moment the layer leaves until the budget is solved:
+    scores, error curves (a few hundred points per block) and the Fisher vectors, in bytes (tensors by their
+    storage, curves as the Python dicts they are). Grams and inverses are never among them."""
+    def size(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sys.getsizeof(value) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in value.items())
+        if hasattr(value, "__dict__"):
+            return sum(size(v) for v in vars(value).values())
+        return 0
+    per_layer = [size(o) + (size(fisher[i]) if fisher is not None else 0) for i, o in enumerate(observations)]
+    return {"kept_bytes": sum(per_layer), "kept_bytes_per_layer": max(per_layer, default=0)}

@@ -101,9 +101,10 @@ def _fused_mlp_forward(mlp_in, down, kernel, stats: "LayerStats", token_mask: To
 @contextmanager
 def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, token_mask: TokenMask,
                      hidden_act: str | None = None, moments: bool = False, gram: bool = False, moe: bool = False,
-                     expert_grams: bool = False):
+                     expert_grams: bool = False, gram_dtype: torch.dtype = torch.float64):
     """`moe`: the layer's MLP is a mixture of experts (its statistics come from experts.expert_statistics; the
-    moments and Gram matrices then cover the output projection only; `expert_grams`: each expert's Gram too)."""
+    moments and Gram matrices then cover the output projection only; `expert_grams`: each expert's Gram too;
+    `gram_dtype`: fp64 for a refit, fp32 where the Grams only rank structures)."""
     device = next(layer.parameters()).device
     width = 0 if moe else geom.intermediate
     stats = LayerStats(torch.zeros(geom.num_heads, dtype=torch.float32, device=device),
@@ -113,8 +114,8 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
         stats.o_moments = ChannelMoments.zeros(geom.num_heads * geom.head_dim, device)
         stats.down_moments = ChannelMoments.zeros(width, device)
     if gram:
-        stats.o_gram = Gram.zeros(geom.num_heads * geom.head_dim, device)
-        stats.down_gram = None if moe else Gram.zeros(width, device)
+        stats.o_gram = Gram.zeros(geom.num_heads * geom.head_dim, device, gram_dtype)
+        stats.down_gram = None if moe else Gram.zeros(width, device, gram_dtype)
 
     kernel = fused_activation(spec.gated, hidden_act)  # any other activation falls back to a down-proj hook
     fused = kernel is not None and not moe
