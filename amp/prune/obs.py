@@ -28,12 +28,12 @@ import numpy
 import torch
 
 from ..common.errors import AmpError
+from .compensate import blocks, mirror_upper
 
 # Removal steps per path: a neuron path moves in batches of n / STEPS columns (the ones with the least error,
 # then one joint update); measured on SmolLM2's down_proj, finer batches change the chosen sets by a few neurons.
 STEPS = 256
 SPILL_ROWS = 1024  # rows of a Gram written or read at a time when it waits on disk
-GRAM_BLOCK = 1024  # columns of W^T W formed at a time (plain_path): a temporary of width x GRAM_BLOCK
 
 
 @dataclass
@@ -187,9 +187,11 @@ def plain_path(weight: torch.Tensor, g: torch.Tensor, width: int, count: int, *,
     if row_weights is not None:
         w.mul_(row_weights.to(dev, torch.float32).clamp_min(0).sqrt().to(w.dtype)[:, None])
     m = g if consume and g.is_floating_point() else g.double().clone()  # M in G's dtype (fp32: a ranking)
-    for start in range(0, m.shape[1], GRAM_BLOCK):
-        block = slice(start, start + GRAM_BLOCK)
-        m[:, block].mul_(w.T @ w[:, block])  # promoted into M's dtype in place: no copy of the block
+    parts = blocks(m.shape[0])
+    for i, left in enumerate(parts):  # M is symmetric: the blocks from the diagonal on, then mirrored
+        right = slice(left.start, parts[-1].stop)
+        m[left, right].mul_(w[:, left].T @ w[:, right])  # promoted into M's dtype in place: no copy
+    mirror_upper(m)
     del w
     groups = m.shape[0] // width
     if width > 1:

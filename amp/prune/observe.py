@@ -155,7 +155,8 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_ar
         refit = gram or (paths is not None and paths.refit)
         with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments, gram or paths is not None, moe,
                               expert_grams=paths is not None and moe,
-                              gram_dtype=torch.float64 if refit else torch.float32) as stats:
+                              gram_dtype=torch.float64 if refit else torch.float32,
+                              scores=config.criterion != "obs") as stats:
             for b in range(len(store)):
                 token_mask.set(masks[b])
                 x = store.get(b)

@@ -88,7 +88,7 @@ def _fused_mlp_forward(mlp_in, down, kernel, stats: "LayerStats", token_mask: To
     Padding rows get zeros: with right padding and a causal mask they never reach a valid token."""
     def forward(x):
         rows = token_mask.select(x)
-        a = kernel(*mlp_in(rows), neuron_stats=stats.neuron_abs)
+        a = kernel(*mlp_in(rows), neuron_stats=stats.neuron_abs if stats is not None else None)
         y = down(a)
         if token_mask.flat is None:
             return y.view(*x.shape[:-1], y.shape[-1])
@@ -101,10 +101,11 @@ def _fused_mlp_forward(mlp_in, down, kernel, stats: "LayerStats", token_mask: To
 @contextmanager
 def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, token_mask: TokenMask,
                      hidden_act: str | None = None, moments: bool = False, gram: bool = False, moe: bool = False,
-                     expert_grams: bool = False, gram_dtype: torch.dtype = torch.float64):
+                     expert_grams: bool = False, gram_dtype: torch.dtype = torch.float64, scores: bool = True):
     """`moe`: the layer's MLP is a mixture of experts (its statistics come from experts.expert_statistics; the
     moments and Gram matrices then cover the output projection only; `expert_grams`: each expert's Gram too;
-    `gram_dtype`: fp64 for a refit, fp32 where the Grams only rank structures)."""
+    `gram_dtype`: fp64 for a refit, fp32 where the Grams only rank structures; `scores`: AMP's head and neuron
+    statistics too (not when structured OBS chooses from the Grams))."""
     device = next(layer.parameters()).device
     width = 0 if moe else geom.intermediate
     stats = LayerStats(torch.zeros(geom.num_heads, dtype=torch.float32, device=device),
@@ -123,7 +124,8 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
     def on_o_input(_module, args):
         x = token_mask.select(args[0])
         stats.tokens += x.shape[0]
-        amp_kernels.head_norms(x, o_proj.weight, geom.num_heads, p=1, out=stats.head_l1)
+        if scores:
+            amp_kernels.head_norms(x, o_proj.weight, geom.num_heads, p=1, out=stats.head_l1)
         if moments:
             stats.o_moments.add(x)
         if gram:
@@ -132,7 +134,7 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
     def on_down_input(_module, args):
         # The fused MLP forward already feeds the down projection valid rows only (and counted |a| itself).
         rows = args[0].reshape(-1, args[0].shape[-1]) if fused else token_mask.select(args[0])
-        if not fused:
+        if not fused and scores:
             stats.neuron_abs += rows.float().abs().sum(dim=0)
         if moments:
             stats.down_moments.add(rows)
@@ -153,7 +155,8 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
         handles.append(down.register_forward_pre_hook(on_down_input))
     try:
         if fused:
-            mlp.forward = _fused_mlp_forward(mlp_inputs(layer, spec), down, kernel, stats, token_mask)
+            mlp.forward = _fused_mlp_forward(mlp_inputs(layer, spec), down, kernel, stats if scores else None,
+                                             token_mask)
         yield stats
     finally:
         for h in handles:
