@@ -99,9 +99,9 @@ RECIPES = {"default": [], "paper": ["--criterion", "amp", "--allocation", "unifo
 PROJECTIONS = {
     "LLaMA-3-70B": dict(layers=80, hidden=8192, heads=64, kv=8, head_dim=128, inter=28672, experts=0, vocab=128256),
     "Llama-4-Scout-109B (16 experts)": dict(layers=48, hidden=5120, heads=40, kv=8, head_dim=128, inter=8192,
-                                             experts=16, vocab=202048),
+                                             experts=16, top_k=2, vocab=202048),  # 1 routed + the shared
     "GLM-4.5-Air-106B (128 experts)": dict(layers=46, hidden=4096, heads=96, kv=8, head_dim=128, inter=1408,
-                                            experts=128, vocab=151552),
+                                            experts=128, top_k=9, vocab=151552),  # 8 routed + the shared
 }
 
 
@@ -269,26 +269,52 @@ def bench_recipes(preset: str, args) -> tuple[list[dict], list[str]]:
 
 
 def projections() -> list[str]:
-    """What one layer's prune holds, by term, for large models on one 80 GB GPU (calibration activations on the
-    device when they fit): the layer in bf16, the widest Gram (fp64; a mixture's: one per expert), the fp32 copy
-    of the weight a path scores, and 64 x 2048 tokens of hidden states in bf16. Host memory holds the kept
-    curves (measured here: a few hundred points per block) and, when they do not fit on the device, the
-    activations."""
-    out = ["Projected device memory of the default prune, one layer resident (terms: layer bf16 + widest fp64 Gram "
-           "+ fp32 weight copy + 64 x 2048 tokens of bf16 hidden states):"]
+    """What one layer's default prune holds, by term, for large models on one 80 GB GPU (calibration activations
+    on the device when they fit): the layer in bf16, the widest Gram (fp32: 64 x 2048 calibration tokens are
+    fewer than the 10 per channel a refit needs, so the Grams only rank; a mixture's: one per expert), the copy
+    of the weight a path scores, and 64 x 2048 tokens of hidden states in bf16. Host memory holds the kept curves
+    (measured here: a few hundred points per block) and, when they do not fit on the device, the activations."""
+    tokens = 64 * 2048
+    out = [f"Projected device memory of the default prune with {tokens:,} calibration tokens, one layer resident "
+           "(arithmetic from the shapes, the terms measured above: layer bf16 + widest Gram + weight copy + "
+           "hidden states):"]
     for name, m in PROJECTIONS.items():
         h, q, kv, d, inter, e = m["hidden"], m["heads"], m["kv"], m["head_dim"], m["inter"], m["experts"]
         attn = h * d * (2 * q + 2 * kv)
         mlp = 3 * h * inter * max(e, 1) + (h * e if e else 0)
         layer = 2 * (attn + mlp)
-        gram = 8 * max(e, 1) * inter ** 2 if e else 8 * max(inter, q * d) ** 2
-        weight = 4 * h * inter * max(e, 1) if e else 4 * h * inter
-        acts = 2 * 64 * 2048 * h
+        widest = max(inter, q * d) if not e else q * d
+        refit = not e and tokens >= 10 * widest  # compensate.MIN_TOKENS_PER_CHANNEL: a refit solves in fp64
+        gram = (8 if refit else 4) * widest ** 2 + (4 * e * inter ** 2 if e else 0)
+        weight = 2 * h * max(inter, q * d)  # one projection (one expert) at a time, in bf16
+        acts = 2 * tokens * h
         total = layer + gram + weight + acts
-        out.append(f"- {name}: layer {layer / 2**30:.1f} GiB + Gram {gram / 2**30:.1f} + weight {weight / 2**30:.1f} + "
-                   f"activations {acts / 2**30:.1f} = {total / 2**30:.1f} GiB of 80; the whole model "
-                   f"{(m['layers'] * layer + 2 * 2 * h * m['vocab']) / 2**30:.0f} GiB in bf16")
+        minutes = {r: _h100_minutes(m, r, tokens, layer, attn, inter, widest) for r in ("default", "paper")}
+        out.append(f"- {name}: layer {layer / 2**30:.1f} GiB + Gram {gram / 2**30:.1f} ({'fp64, refit' if refit else 'fp32'}"
+                   f"{', every expert' if e else ''}) + weight {weight / 2**30:.1f} + hidden states {acts / 2**30:.1f}"
+                   f" = {total / 2**30:.1f} GiB of 80; the whole model "
+                   f"{(m['layers'] * layer + 2 * 2 * h * m['vocab']) / 2**30:.0f} GiB in bf16; on one H100 (half "
+                   f"its bf16 peak, checkpoint read at 3 GB/s) about {minutes['default']:.0f} min for the default, "
+                   f"{minutes['paper']:.0f} for the paper's recipe")
     return out
+
+
+def _h100_minutes(m: dict, recipe: str, tokens: int, layer_bytes: int, attn: int, inter: int, widest: int) -> float:
+    """A compute-and-read estimate, not a measurement: forward flops 2 x active parameters per token (the paper's
+    recipe: calibrate and propagate; the default adds the curves pass, the kl yardstick's forward, backward (2x)
+    and held-back run over 8 x 512 tokens), the Grams and W^T W on and above the diagonal (curves and cut passes),
+    at 495 TFLOP/s, plus reading the checkpoint (once; the default four times) at 3 GB/s."""
+    h, e = m["hidden"], m["experts"]
+    active = attn + 3 * h * inter * (m["top_k"] if e else 1)
+    held = 8 * 512
+    if recipe == "paper":
+        flops, reads = 2 * active * tokens * 2, 1
+    else:
+        grams = tokens * (widest ** 2 + (m["heads"] * m["head_dim"]) ** 2)      # half of 2 T n^2, two passes
+        paths = h * (widest ** 2 + (m["heads"] * m["head_dim"]) ** 2)
+        flops, reads = 2 * active * (3 * tokens + 4 * held) + grams + paths, 4
+    seconds = m["layers"] * (flops / 495e12 + reads * layer_bytes / 3e9)
+    return seconds / 60
 
 
 if __name__ == "__main__":

@@ -125,13 +125,17 @@ def test_kl_allocation_respects_multiple_of():
 
 
 def test_streamed_equals_in_memory(tmp_path, data_dir):
+    """The default recipe (structured OBS under the kl allocation): keep sets, weights, the predicted curves' KL
+    per block and the measured divergence, streamed (Grams consumed in place, kept ones waiting on disk) and in
+    memory."""
     save_tiny(make_tiny("mistral_gqa"), tmp_path / "in")
-    config = amp.PruneConfig(ratio=0.3, allocation="kl", criterion="obs", calib="wikitext2", nsamples=8, seqlen=32,
-                             batch_size=3, holdout=3)
+    config = amp.PruneConfig(ratio=0.3, calib="wikitext2", nsamples=8, seqlen=32, batch_size=3, holdout=3)
     streamed = amp.prune_checkpoint(str(tmp_path / "in"), config, tmp_path / "s", data_dir=data_dir, progress=False)
     memory = amp.prune_checkpoint(str(tmp_path / "in"), dataclasses.replace(config, stream=False),
                                   tmp_path / "m", data_dir=data_dir, progress=False)
+    assert streamed["criterion"] == "obs" and streamed["allocation"]["method"] == "kl"
     assert streamed["layers"] == memory["layers"]
+    assert streamed["allocation"]["predicted_kl"] == memory["allocation"]["predicted_kl"]
     assert streamed["allocation"]["heldout_kl"] == memory["allocation"]["heldout_kl"]
     a, _, _ = amp.load_pruned(tmp_path / "s")
     b, _, _ = amp.load_pruned(tmp_path / "m")

@@ -254,16 +254,17 @@ def _hessian(gram, matrix: torch.Tensor, damp: float, bias: bool) -> torch.Tenso
 
 @contextmanager
 def _lent_gram(gram, keep: bool, staging):
-    """The Gram's matrix, for a path to consume in place (its damping, Cholesky and inverse overwrite it). Where a
+    """The Gram's matrix in a one-element list, for a path to take out and consume in place (its damping, Cholesky
+    and inverse overwrite it; the list, emptied, holds no reference while the Gram is read back). Where a
     refit still needs the Gram after the path (`keep`), it is written to the staging folder first and read back
     afterwards, so that one matrix of its size is resident at a time; without a staging folder (a model pruned
     in memory, which holds the whole model anyway) the path takes a copy instead."""
     if not keep:
-        matrix, gram.matrix = gram.matrix, None  # the path's to overwrite; nobody reads this Gram again
-        yield matrix
+        holder, gram.matrix = [gram.matrix], None  # the path's to overwrite; nobody reads this Gram again
+        yield holder
         return
     if staging is None:
-        yield gram.matrix.clone()
+        yield [gram.matrix.clone()]
         return
     spill = FilePath(staging) / f"gram-{uuid.uuid4().hex}.bin"
     shape, dtype, device = gram.matrix.shape, gram.matrix.dtype, gram.matrix.device
@@ -271,13 +272,14 @@ def _lent_gram(gram, keep: bool, staging):
         with open(spill, "wb") as f:
             for rows in gram.matrix.split(SPILL_ROWS):
                 f.write(rows.cpu().numpy().tobytes())
-        matrix, gram.matrix = gram.matrix, None
-        yield matrix
-        del matrix
+        holder, gram.matrix = [gram.matrix], None
+        yield holder
+        holder.clear()
         restored = torch.empty(shape, dtype=dtype, device=device)
+        stored = torch.empty(0, dtype=dtype).numpy().dtype
         with open(spill, "rb") as f:
             for rows in restored.split(SPILL_ROWS):
-                data = numpy.fromfile(f, dtype=rows.cpu()[:0].numpy().dtype, count=rows.numel())
+                data = numpy.fromfile(f, dtype=stored, count=rows.numel())
                 rows.copy_(torch.from_numpy(data).view(rows.shape))
         gram.matrix = restored
     finally:
@@ -285,19 +287,18 @@ def _lent_gram(gram, keep: bool, staging):
 
 
 def _path(weight, gram, width: int, count: int, request: PathRequest, rows, order=None, **constraints) -> Path:
+    step = 1 if width > 1 else max(1, weight.shape[1] // STEPS)
     if not request.refit:
-        step = 1 if width > 1 else max(1, weight.shape[1] // STEPS)
-        with _lent_gram(gram, request.keep_gram, request.staging) as matrix:
-            return plain_path(weight, matrix, width, count, order=order, row_weights=rows, step=step, consume=True)
+        with _lent_gram(gram, request.keep_gram, request.staging) as lent:
+            return plain_path(weight, lent.pop(), width, count, order=order, row_weights=rows, step=step,
+                              consume=True)
     w = weight.detach()
     if request.bias:  # [W, 0]: the constant channel belongs to no structure, so it is never removed
         w = torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1)
-    step = 1 if width > 1 else max(1, weight.shape[1] // STEPS)
-    with _lent_gram(gram, request.keep_gram, request.staging) as matrix:
-        h = _hessian(gram, matrix, request.damp, request.bias)
-        del matrix
-        return refit_path(w, h, width, count, order=order, row_weights=rows, step=step,
-                          groups=weight.shape[1] // width, consume=True, **constraints)
+    with _lent_gram(gram, request.keep_gram, request.staging) as lent:
+        return refit_path(w, _hessian(gram, lent.pop(), request.damp, request.bias), width, count, order=order,
+                          row_weights=rows, step=step, groups=weight.shape[1] // width, consume=True,
+                          **constraints)
 
 
 def _curve(path: Path, tokens: int, weighted: bool, step: int = 1) -> dict[int, float]:
