@@ -185,7 +185,8 @@ def plain_path(weight: torch.Tensor, g: torch.Tensor, width: int, count: int, *,
     dev = g.device
     w = weight.detach().to(dev, _product_dtype(weight.dtype), copy=True)
     if row_weights is not None:
-        w.mul_(row_weights.to(dev, torch.float32).clamp_min(0).sqrt().to(w.dtype)[:, None])
+        scale = row_weights.to(dev, torch.float64 if w.dtype == torch.float64 else torch.float32)
+        w.mul_(scale.clamp_min(0).sqrt().to(w.dtype)[:, None])
     m = g if consume and g.is_floating_point() else g.double().clone()  # M in G's dtype (fp32: a ranking)
     parts = blocks(m.shape[0])
     for i, left in enumerate(parts):  # M is symmetric: the blocks from the diagonal on, then mirrored
