@@ -10,10 +10,11 @@ import sys
 import tempfile
 
 from .api import prune_checkpoint
-from .export import FORMATS, export_checkpoint
+from .export import FORMATS, export_checkpoint, padded_structures
 from .common.errors import AmpError
 from .io.folders import write_json_atomic
 from .io.info import describe
+from .io.models import silenced_progress
 from .prune.config import (ALLOCATIONS, COMPENSATIONS, CRITERIA, DEVICES, DTYPES, HEADS, MOE, OFFLOADS, RATIO_OF,
                            PruneConfig)
 from .quality.evaluate import evaluate
@@ -113,7 +114,8 @@ def _prune_parser(sub):
 def _eval_parser(sub):
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model folder (lm-eval)")
     p.add_argument("model_dir")
-    p.add_argument("--tasks", default=None, help="comma list (default: the seven whose data files are present)")
+    p.add_argument("--tasks", default=None,
+                   help="comma list, or 'none' (default: the seven whose data files are present)")
     p.add_argument("--ppl", default=None,
                    help="comma list of corpora, or 'none' (default: wikitext2 and c4 where their files are present)")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (papers use 2048 or 128)")
@@ -148,7 +150,7 @@ def _servable(folder: str, backend: str, stack: contextlib.ExitStack, quiet: boo
     report = export_checkpoint(folder, "vllm", tmp, progress=not quiet)
     form = "DeciLM" if report["vllm_form"] == "decilm" else "amp-vllm plugin"
     print(f"note: {folder} is a per-layer result; vLLM evaluates its --format vllm export ({form} form, "
-          f"{report['zero_query_heads']} zero query heads padded in, {report['padding_share']:.2%} parameters)")
+          f"{padded_structures(report)} padded in, {report['padding_share']:.2%} parameters)")
     return str(tmp)
 
 
@@ -157,7 +159,8 @@ def cmd_eval(args) -> int:
         import torch
         if not torch.cuda.is_available():
             raise AmpError("--device cuda was asked for, but this machine has no CUDA device")
-    tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
+    tasks = None if args.tasks is None else [] if args.tasks in ("none", "") else \
+        [t for t in args.tasks.split(",") if t]  # 'none' as for --ppl: perplexity only
     ppl = None if args.ppl is None else [] if args.ppl in ("none", "") else args.ppl.split(",")
     vllm = dict(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
                 dtype=args.vllm_dtype, vllm_python=args.vllm_python)
@@ -242,9 +245,8 @@ def _export_parser(sub):
 
 
 def _print_export(report: dict, out) -> None:
-    print(f"exported {report['source']} as {report['format']} to {out}: {report['zero_query_heads']} zero query heads "
-          f"and {report['added_kv_heads']} added KV heads padded in, {report['params_added_by_padding']:,} parameters "
-          f"({report['padding_share']:.2%} of the model)")
+    print(f"exported {report['source']} as {report['format']} to {out}: {padded_structures(report)} padded in, "
+          f"{report['params_added_by_padding']:,} parameters ({report['padding_share']:.2%} of the model)")
     for note in report["notes"]:
         print(f"note: {note}")
     form = report.get("vllm_form")
@@ -408,14 +410,19 @@ def main(argv=None) -> int:
     _export_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"prune": cmd_prune, "info": cmd_info, "eval": cmd_eval, "generate": cmd_generate,
-                "recover": cmd_recover, "export": cmd_export}[args.command](args)
+        with silenced_progress(getattr(args, "quiet", False)):
+            return _run(args)
     except AmpError as e:
         print(f"amp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("amp: interrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def _run(args) -> int:
+    return {"prune": cmd_prune, "info": cmd_info, "eval": cmd_eval, "generate": cmd_generate,
+            "recover": cmd_recover, "export": cmd_export}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,14 @@ def test_missing_corpus_is_skipped_by_default_and_refused_when_asked_for(eval_da
     assert "wikitext2_test.txt is missing" in err
 
 
+def test_tasks_none_is_perplexity_only_as_ppl_none_is_tasks_only(eval_data, tiny_folder, capsys, tmp_path):
+    code, out, err = run_cli(capsys, "eval", tiny_folder, "--tasks", "none", "--ppl", "wikitext2", "--seqlen", 64,
+                             "--max-windows", 2, "--data-dir", eval_data, "--quiet", "--json", tmp_path / "r.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["tasks"] == {} and "wikitext2@64" in result["perplexity"]
+
+
 @pytest.mark.parametrize("result_line", [True, False])
 def test_vllm_worker_exit_after_its_result(result_line, eval_data, tiny_folder, tmp_path):
     """vLLM's engine threads can abort the worker's interpreter at shutdown ("terminate called without an active

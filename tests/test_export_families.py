@@ -61,6 +61,8 @@ def test_vllm_export_reads_back_exactly(family, mode, tmp_path):
     else:
         assert report["vllm_form"] == "plugin" and config["architectures"] == [f"Amp{type(pruned).__name__}"]
         assert report["plugin_install"].endswith(str(PLUGIN))
+        # the notes name no staging folder (the export is written beside `out` and renamed into place)
+        assert not any(".partial-" in note for note in report["notes"])
         for entry in config["amp_per_layer"]:   # vLLM's attention needs even groups: the export gives them
             heads, kv = entry["num_attention_heads"], entry["num_key_value_heads"]
             assert heads % kv == 0 and entry["head_map"] == [h // (heads // kv) for h in range(heads)]
@@ -150,6 +152,12 @@ def test_gguf_export_in_the_family_architecture_reads_back_exactly(family, mode,
         assert report["padding_share"] == 0
     else:
         assert report["padding_share"] > 0 and any("--format vllm" in n for n in report["notes"])
+        # what was padded, every kind counted: the parameters follow from the structures
+        hidden, d = pruned.config.hidden_size, 64
+        experts = getattr(pruned.config, "num_local_experts", None) or getattr(pruned.config, "num_experts", None) or 1
+        neurons = report["zero_neurons"] * 3 * hidden * experts  # a mixture pads every expert to one width
+        heads = (report["zero_query_heads"] + report["added_kv_heads"]) * 2 * d * hidden
+        assert report["params_added_by_padding"] == neurons + heads and report["zero_neurons"] > 0
     if family in ("gemma2", "gemma3"):
         types_ = pruned.config.layer_types
         assert list(meta[f"{arch}.attention.sliding_window_pattern"]) == [t == "sliding_attention" for t in types_]
@@ -253,3 +261,19 @@ def test_plugin_layer_view_answers_with_the_layers_own_sizes(monkeypatch):
     view.rope_theta = 1.0  # a layer setting a default keeps it to itself
     assert not hasattr(base, "rope_theta")
     sys.modules.pop("amp_vllm.common", None)
+
+
+def test_a_quiet_prune_of_a_gguf_file_shows_no_progress_bar(tmp_path, capsys, monkeypatch, data_dir):
+    """`--quiet` silences the libraries' bars too: the GGUF dequantization (a bare tqdm in transformers) and the
+    shard writing; without it they show."""
+    model = serve_check.tiny_model("qwen2")  # a GGUF architecture transformers reads back (LLaMA's export is deci)
+    model.save_pretrained(tmp_path / "dense")
+    serve_check.tiny_tokenizer_with_merges().save_pretrained(tmp_path / "dense")
+    export_checkpoint(tmp_path / "dense", "gguf", tmp_path / "gguf", progress=False, dtype="f32")
+    args = ["prune", tmp_path / "gguf" / "model.gguf", "--ratio", 0.2, "--criterion", "magnitude", "--allocation",
+            "uniform"]
+    for quiet in (False, True):
+        monkeypatch.setenv("AMP_CACHE_DIR", str(tmp_path / f"cache-{quiet}"))  # dequantized afresh each time
+        code, _, err = run_cli(capsys, *args, "--out", tmp_path / f"out-{quiet}", *(["--quiet"] if quiet else []))
+        assert code == 0, err
+        assert ("de-quantizing" in err) != quiet and ("%|" in err) != quiet, err[-2000:]

@@ -157,6 +157,12 @@ def test_amp_eval_and_info_on_a_heterogeneous_checkpoint(tmp_path, data_dir, cap
     assert per_layer.KEY in json.loads((out / "config.json").read_text())
     code, stdout, _ = run_cli(capsys, "info", out)
     assert code == 0 and "per layer (query heads/kv heads/neurons)" in stdout
+    # every layer counted with its own sizes, not layer 0's times the layer count
+    model, _, report = amp.load_pruned(out)
+    sizes = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    assert min(sizes) < max(sizes)
+    assert f"per decoder layer {min(sizes):,} to {max(sizes):,}" in stdout
+    assert f"decoder layers {sum(sizes) / report['params_after']:.1%} of the total" in stdout
     from test_evaluate import ROWS
     small = tmp_path / "data"
     (small / "tasks").mkdir(parents=True)

@@ -55,6 +55,7 @@ def _report(source: ExportSource, fmt: str, result: dict, seconds: float) -> dic
               "padding_share": round(added / max(params, 1), 5),
               "zero_query_heads": sum(e["zero_query_heads"] for e in layers),
               "added_kv_heads": sum(e["added_kv_heads"] for e in layers),
+              "zero_neurons": sum(e.get("padded_neurons", 0) for e in layers),
               # whole model: attention FLOPs per token and KV cache of the export over the pruned model's
               "attention_flops_ratio": _ratio(layers, "query_heads", "zero_query_heads"),
               "kv_cache_ratio": _ratio(layers, "kv_heads", "added_kv_heads"),
@@ -62,10 +63,17 @@ def _report(source: ExportSource, fmt: str, result: dict, seconds: float) -> dic
     if report["padding_share"] > MATERIAL:
         report["notes"].append(
             f"padding adds {added:,} parameters ({report['padding_share']:.1%} of the pruned model): "
-            f"{report['zero_query_heads']} zero query heads and {report['added_kv_heads']} added KV heads, which the "
-            f"runtime computes for nothing; the output is unchanged (zero o_proj columns)")
+            f"{padded_structures(report)}, which the runtime computes for nothing; the output is unchanged (zero "
+            "o_proj and down_proj columns)")
     report.update({k: v for k, v in result.items() if k not in ("layers", "notes")})
     return report
+
+
+def padded_structures(report: dict) -> str:
+    """What an export padded in, every kind named: "2 zero query heads, 0 added KV heads and 1,536 zero MLP
+    neurons" (neurons counted over all layers; a mixture's: per expert)."""
+    return (f"{report['zero_query_heads']} zero query heads, {report['added_kv_heads']} added KV heads and "
+            f"{report.get('zero_neurons', 0):,} zero MLP neurons")
 
 
 def _ratio(layers: list, written: str, padded: str) -> float:

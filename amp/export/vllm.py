@@ -72,7 +72,7 @@ def export(source: ExportSource, out: Path, progress) -> dict:
         result["plugin_install"] = install_command()
         result["notes"] = result.get("notes", []) + [
             f"served by the amp-vllm plugin (architecture {result['architecture']}): install it into vLLM's "
-            f"environment once with `{install_command()}`, then `vllm serve {out.name}`"]
+            f"environment once with `{install_command()}`, then `vllm serve` this folder"]  # (out is still staged)
     return result
 
 

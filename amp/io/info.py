@@ -20,7 +20,7 @@ def describe(folder) -> str:
     spec = spec_for_class(arch)
     model = meta_model(config)
     total = sum(p.numel() for p in model.parameters())
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]  # each its own sizes
     g = Geometry.from_config(config, spec)
     per_layer = getattr(config, "amp_per_layer", None)
     shape = (f"heads {g.num_heads}, kv heads {g.num_kv_heads}, head_dim {g.head_dim}, intermediate {g.intermediate}"
@@ -31,8 +31,9 @@ def describe(folder) -> str:
                       for e in per_layer))
     lines = [f"{folder}: {arch} ({config.model_type})",
              f"  layers {config.num_hidden_layers}, hidden {g.hidden}, {shape}",
-             f"  parameters {total:,} (per decoder layer {layer:,}; decoder layers "
-             f"{layer * config.num_hidden_layers / total:.1%} of the total)"]
+             f"  parameters {total:,} (per decoder layer "
+             f"{f'{min(layers):,}' if min(layers) == max(layers) else f'{min(layers):,} to {max(layers):,}'}; "
+             f"decoder layers {sum(layers) / total:.1%} of the total)"]
     if spec.moe is not None:
         idle = 0
         for i in range(config.num_hidden_layers):

