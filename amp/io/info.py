@@ -21,6 +21,7 @@ def describe(folder) -> str:
     model = meta_model(config)
     total = sum(p.numel() for p in model.parameters())
     layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]  # each its own sizes
+    span = f"{min(layers):,}" if min(layers) == max(layers) else f"{min(layers):,} to {max(layers):,}"
     g = Geometry.from_config(config, spec)
     per_layer = getattr(config, "amp_per_layer", None)
     shape = (f"heads {g.num_heads}, kv heads {g.num_kv_heads}, head_dim {g.head_dim}, intermediate {g.intermediate}"
@@ -31,9 +32,8 @@ def describe(folder) -> str:
                       for e in per_layer))
     lines = [f"{folder}: {arch} ({config.model_type})",
              f"  layers {config.num_hidden_layers}, hidden {g.hidden}, {shape}",
-             f"  parameters {total:,} (per decoder layer "
-             f"{f'{min(layers):,}' if min(layers) == max(layers) else f'{min(layers):,} to {max(layers):,}'}; "
-             f"decoder layers {sum(layers) / total:.1%} of the total)"]
+             f"  parameters {total:,} (per decoder layer {span}; decoder layers {sum(layers) / total:.1%} of "
+             "the total)"]
     if spec.moe is not None:
         idle = 0
         for i in range(config.num_hidden_layers):

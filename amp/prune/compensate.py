@@ -31,6 +31,11 @@ def blocks(width: int) -> list[slice]:
     return [slice(start, min(start + BLOCK, width)) for start in range(0, width, BLOCK)]
 
 
+def upper_blocks(width: int) -> list[tuple[slice, slice]]:
+    """(rows, columns) of a symmetric matrix's block rows from the diagonal on: forming those is half the work."""
+    return [(rows, slice(rows.start, width)) for rows in blocks(width)]
+
+
 def mirror_upper(matrix: torch.Tensor) -> None:
     """Fills the blocks below the diagonal from those above (a symmetric product formed on one side only)."""
     parts = blocks(matrix.shape[0])
@@ -71,9 +76,7 @@ class Gram:
         Gram of bf16 activations (exact products, each block rounded once; twice the speed on a CPU)."""
         if not (self._matrix.dtype == torch.float32 and rows.dtype == torch.bfloat16):
             rows = rows.float()
-        parts = blocks(self._matrix.shape[0])
-        for i, left in enumerate(parts):
-            right = slice(left.start, parts[-1].stop)   # this block row, from the diagonal on
+        for left, right in upper_blocks(self._matrix.shape[0]):
             self._matrix[left, right].add_(rows[:, left].T @ rows[:, right])
         self._lower_stale = True
         self.total += rows.sum(dim=0, dtype=torch.float64)
@@ -139,15 +142,17 @@ def refit(linear: nn.Linear, gram: Gram, kept: torch.Tensor, damp: float, with_b
     before = 0.0                                                         # tr(W_C G_CC W_C^T): the columns just go
     for rows in removed.split(BLOCK):
         before += float(((w[:, rows] @ _gram_rows(gram, rows).index_select(1, removed)) * w[:, removed]).sum())
-    g_kk = torch.cat([_gram_rows(gram, rows).index_select(1, cols) for rows in cols.split(BLOCK)])
-    torch.diagonal(g_kk).add_(diag)
+    def kept_block() -> torch.Tensor:                                  # G[K, K] + L, a block of rows at a time
+        block = torch.cat([_gram_rows(gram, rows).index_select(1, cols) for rows in cols.split(BLOCK)])
+        torch.diagonal(block).add_(diag)
+        return block
+    g_kk = kept_block()
     info = torch.empty((), dtype=torch.int32, device=dev)
     torch.linalg.cholesky_ex(g_kk, out=(g_kk, info))                     # the factor overwrites its matrix
     if int(info) == 0:
         fitted = torch.cholesky_solve((rhs + prior * diag).T, g_kk).T
-    else:
-        g_kk = torch.cat([_gram_rows(gram, rows).index_select(1, cols) for rows in cols.split(BLOCK)])
-        g_kk += torch.diag(diag)
+    else:  # the failed factorization overwrote it: formed again for least squares
+        g_kk = kept_block()
         fitted = torch.linalg.lstsq(g_kk, (rhs + prior * diag).T).solution.T
     del g_kk
     # after = tr((W - F) G (W - F)^T) over [x; 1] = tr(W G W^T) - 2 <F, R> + tr(F G_KK F^T)

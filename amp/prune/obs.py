@@ -28,11 +28,17 @@ import numpy
 import torch
 
 from ..common.errors import AmpError
-from .compensate import blocks, mirror_upper
+from .compensate import mirror_upper, upper_blocks
 
 # Removal steps per path: a neuron path moves in batches of n / STEPS columns (the ones with the least error,
 # then one joint update); measured on SmolLM2's down_proj, finer batches change the chosen sets by a few neurons.
 STEPS = 256
+
+
+def neuron_step(width: int) -> int:
+    """Neurons a path removes per update: 1/STEPS of the projection's width."""
+    return max(1, width // STEPS)
+
 SPILL_ROWS = 1024  # rows of a Gram written or read at a time when it waits on disk
 
 
@@ -42,6 +48,7 @@ class Path:
     removal (errors[0] = 0, errors[k] = the error left after the first k)."""
     order: list[int]
     errors: list[float]
+    step: int = 1      # structures removed per update: errors are exact at multiples of it (and at the end)
 
     def scores(self, groups: int) -> torch.Tensor:
         """Rank scores (higher = more important): the k-th removed gets k, the structures never removed get
@@ -133,7 +140,7 @@ def refit_path(weight: torch.Tensor, h: torch.Tensor, width: int, count: int, *,
         for g, part in zip(chosen, share.tolist()):
             out_order.append(g)
             errors.append(errors[-1] + err * part)
-    return Path(out_order, errors)
+    return Path(out_order, errors, step)
 
 
 def _group_costs(w: torch.Tensor, hinv: torch.Tensor, candidates: torch.Tensor, width: int) -> torch.Tensor:
@@ -188,9 +195,7 @@ def plain_path(weight: torch.Tensor, g: torch.Tensor, width: int, count: int, *,
         scale = row_weights.to(dev, torch.float64 if w.dtype == torch.float64 else torch.float32)
         w.mul_(scale.clamp_min(0).sqrt().to(w.dtype)[:, None])
     m = g if consume and g.is_floating_point() else g.double().clone()  # M in G's dtype (fp32: a ranking)
-    parts = blocks(m.shape[0])
-    for i, left in enumerate(parts):  # M is symmetric: the blocks from the diagonal on, then mirrored
-        right = slice(left.start, parts[-1].stop)
+    for left, right in upper_blocks(m.shape[0]):  # M is symmetric: the blocks from the diagonal on, mirrored
         m[left, right].mul_(w[:, left].T @ w[:, right])  # promoted into M's dtype in place: no copy
     mirror_upper(m)
     del w
@@ -219,7 +224,7 @@ def plain_path(weight: torch.Tensor, g: torch.Tensor, width: int, count: int, *,
             errors.append(errors[-1] + max(joint, 0.0) * part)
         alive[chosen] = False
         marginal += 2 * rows.double().sum(0)
-    return Path(out_order, errors)
+    return Path(out_order, errors, step)
 
 
 # ---------------------------------------------------------------- one layer's paths (the criterion and its curves)
@@ -288,7 +293,7 @@ def _lent_gram(gram, keep: bool, staging):
 
 
 def _path(weight, gram, width: int, count: int, request: PathRequest, rows, order=None, **constraints) -> Path:
-    step = 1 if width > 1 else max(1, weight.shape[1] // STEPS)
+    step = 1 if width > 1 else neuron_step(weight.shape[1])
     if not request.refit:
         with _lent_gram(gram, request.keep_gram, request.staging) as lent:
             return plain_path(weight, lent.pop(), width, count, order=order, row_weights=rows, step=step,
@@ -302,14 +307,14 @@ def _path(weight, gram, width: int, count: int, request: PathRequest, rows, orde
                           **constraints)
 
 
-def _curve(path: Path, tokens: int, weighted: bool, step: int = 1) -> dict[int, float]:
+def _curve(path: Path, tokens: int, weighted: bool) -> dict[int, float]:
     """k removed -> error per calibration token (x 1/2 with Fisher weights: predicted KL in nats per token), at
     the ends of the path's steps only: there the errors are exact (within a step they are a proportional split),
     and the budget solve interpolates between them, so what a layer hands on to the solve is a few hundred
     floats per block, not one per neuron."""
     scale = (0.5 if weighted else 1.0) / max(tokens, 1)
     last = len(path.errors) - 1
-    return {k: path.errors[k] * scale for k in range(1, last + 1) if k % step == 0 or k == last}
+    return {k: path.errors[k] * scale for k in range(1, last + 1) if k % path.step == 0 or k == last}
 
 
 def layer_paths(layer, spec, geom, stats, request: PathRequest, head_scores=None, neuron_scores=None):
@@ -345,8 +350,7 @@ def layer_paths(layer, spec, geom, stats, request: PathRequest, head_scores=None
     path = _path(down, stats.down_gram, 1, request.neurons, request, fisher.mlp if fisher is not None else None,
                  order)
     neurons = path.scores(geom.intermediate) if request.choose else neuron_scores
-    step = max(1, geom.intermediate // STEPS)  # _path's neuron steps
-    return heads, neurons, attention_curve, _curve(path, stats.tokens, fisher is not None, step)
+    return heads, neurons, attention_curve, _curve(path, stats.tokens, fisher is not None)
 
 
 def expert_paths(layer, moe, stats, request, tokens: int, scores=None):
@@ -365,7 +369,7 @@ def expert_paths(layer, moe, stats, request, tokens: int, scores=None):
     for e in range(n):
         order = None if scores is None else torch.argsort(scores[1][e], stable=True).tolist()
         path = plain_path(down[e], stats.grams[e], 1, width, order=order, row_weights=rows,
-                          step=max(1, width // STEPS), consume=True)  # each expert's Gram goes after its path
+                          step=neuron_step(width), consume=True)  # each expert's Gram goes after its path
         neuron_cost[e] = torch.tensor(path.errors, dtype=torch.float64) * scale
         expert_cost[e] = neuron_cost[e, -1]  # every neuron gone = the expert's whole output
         if scores is None:

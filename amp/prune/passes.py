@@ -102,7 +102,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             "offload": run.offload, "compute_dtype": dtype_name(run.dtype),
             "compute_dtype_why": run.dtype_why, "storage_dtype": dtype_name(source.storage_dtype),
             "allocation": allocation, "target_config": target,
-            "passes": {"passes": run.passes.report(), **run.kept_state}}
+            "memory": {"passes": run.passes.report(), **run.kept_state}}
 
 
 def _two_passes(run: PruneRun, sink, the_plan, held_out=None):

@@ -55,7 +55,7 @@ def prune_report(source, sink, config: PruneConfig, calibration, result: dict, b
             "bytes_read": source.bytes_read,
             "bytes_written": sink.bytes_written,
             "offload": result["offload"],
-            **result.get("passes", {}),
+            **result["memory"],
         },
         "phases": timer.report(),
         "layers": result["layers"],
