@@ -26,6 +26,7 @@ from .recover.checkpoints import checkpoint_path
 from .recover.data import training_texts
 from .recover.distributed import start
 from .recover.run import recover_checkpoint
+from .runtime import per_layer
 
 
 def _check_device(device: str) -> None:
@@ -133,6 +134,7 @@ def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwr
                 add_legacy_keys(tmp, spec_for(model))
                 report["memory"]["bytes_written"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         with timer.phase("write"):
+            per_layer.write_standalone(tmp)  # a per-layer result loads in plain transformers (trust_remote_code)
             tokenizer.save_pretrained(tmp)
         report["model"] = model_name or models.DEFAULT_MODEL
         report["model_path"] = str(folder)

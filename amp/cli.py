@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from .api import prune_checkpoint
-from .export import FORMATS, export_checkpoint, padded_structures
+from .export import FORMATS, GGUF_DTYPES, export_checkpoint, padded_structures
 from .common.errors import AmpError
 from .io.folders import write_json_atomic
 from .io.info import describe
@@ -31,6 +31,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         print(f"amp: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def _auto_or_int(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {value!r}") from None
 
 
 def _prune_parser(sub):
@@ -84,6 +93,10 @@ def _prune_parser(sub):
     p.add_argument("--multiple-of", type=int, default=1,
                    help="kept neurons per layer (and expert widths), and the attention's width (kept query heads x "
                         "head_dim), are multiples of this, e.g. 64 or 128, so that GEMM shapes tile well")
+    p.add_argument("--mlp-multiple-of", default="auto", type=_auto_or_int,
+                   help="kept MLP and expert widths are also multiples of this, so that every llama.cpp "
+                        "quantization keeps ffn_down's rows (blocks of 32; 256 for K-quants); auto: 256 where the "
+                        "dense width is 4,096 or more, 32 where it is 512 or more; 1: widths as the budget chose")
     p.add_argument("--min-keep", type=float, default=0.1,
                    help="per-layer floor: every layer keeps at least this share of its heads and of its neurons")
     p.add_argument("--depth-range", default="0.5,1.5",
@@ -239,7 +252,15 @@ def _export_parser(sub):
     p.add_argument("model_dir")
     p.add_argument("--format", required=True, choices=sorted(FORMATS))
     p.add_argument("--out", required=True, help="output folder (appears only when complete)")
-    p.add_argument("--gguf-dtype", default="f16", choices=("f32", "f16", "bf16"), help="GGUF tensor type")
+    p.add_argument("--gguf-dtype", default="f16", choices=GGUF_DTYPES,
+                   help="GGUF tensor type; q8_0, q6_k, q5_k_m, q4_k_m, q4_0 are quantized by llama.cpp's own quantizer "
+                        "(llama-cpp-python)")
+    p.add_argument("--llama-cpp-python", default=None,
+                   help="a Python that imports llama_cpp, for the quantized GGUF types (default: this one, "
+                        "AMP_LLAMA_CPP_PYTHON, or the runtime environment serve_check installs)")
+    p.add_argument("--against-dense", action="store_true",
+                   help="GGUF: also export the dense model the folder was pruned from the same way, and report both "
+                        "file sizes")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
@@ -249,6 +270,14 @@ def _print_export(report: dict, out) -> None:
           f"{report['params_added_by_padding']:,} parameters ({report['padding_share']:.2%} of the model)")
     for note in report["notes"]:
         print(f"note: {note}")
+    held = report.get("gguf")
+    if held:
+        types = ", ".join(f"{k} {v['tensors']}" for k, v in sorted(held["types"].items(), key=lambda kv: -kv[1]["bytes"]))
+        line = f"{report['dtype'].upper()}: {held['file_bytes'] / 1e6:.1f} MB (tensors by type: {types})"
+        if "dense" in report:
+            line += f"; the dense model the same way: {report['dense']['file_bytes'] / 1e6:.1f} MB " \
+                    f"({report['size_vs_dense']:.2f}x)"
+        print(line)
     form = report.get("vllm_form")
     how = {"decilm": f"vllm serve {out} --trust-remote-code", "gguf": f"llama-cli -m {out}/model.gguf",
            "vllm": f"vllm serve {out}" + (" --trust-remote-code" if form == "decilm" else "")}
@@ -259,7 +288,8 @@ def _print_export(report: dict, out) -> None:
 
 def cmd_export(args) -> int:
     report = export_checkpoint(args.model_dir, args.format, args.out, overwrite=args.overwrite,
-                               progress=not args.quiet, dtype=args.gguf_dtype if args.format == "gguf" else None)
+                               progress=not args.quiet, dtype=args.gguf_dtype if args.format == "gguf" else None,
+                               llama_cpp_python=args.llama_cpp_python, against_dense=args.against_dense)
     _print_export(report, args.out)
     return 0
 
@@ -316,7 +346,7 @@ def cmd_prune(args) -> int:
                          allocation=args.allocation, heads=args.heads, min_keep=args.min_keep,
                          depth_range=_pair(args.depth_range), compensate=args.compensate, damp=args.damp,
                          sequential=args.sequential, moe=args.moe,
-                         multiple_of=args.multiple_of, ratio_of=args.ratio_of, holdout=args.holdout)
+                         multiple_of=args.multiple_of, mlp_multiple_of=args.mlp_multiple_of, ratio_of=args.ratio_of, holdout=args.holdout)
     recovery = _recover_config(args, prefix="recover-") if args.recover else None
     if not args.recover and args.teacher:
         raise AmpError("--teacher is a recovery flag: add --recover")

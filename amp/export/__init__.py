@@ -23,27 +23,63 @@ REPORT = "export_report.json"
 
 
 def export_checkpoint(folder, fmt: str, out, *, overwrite: bool = False, progress: bool = True,
-                      dtype: str | None = None) -> dict:
-    """Exports the model folder `folder` as `fmt` into `out`; returns (and writes) the export report."""
+                      dtype: str | None = None, llama_cpp_python: str | None = None,
+                      against_dense: bool = False) -> dict:
+    """Exports the model folder `folder` as `fmt` into `out`; returns (and writes) the export report. GGUF:
+    `dtype` (f16, or a quantization through llama.cpp found by `llama_cpp_python`), and with `against_dense` the
+    dense model the folder was pruned from exported the same way, its file size beside this one's."""
     if fmt not in FORMATS:
         raise AmpError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     module, what = FORMATS[fmt]
     folders.check_output(out, overwrite)
     source = ExportSource(folder, module.SUPPORTED, what, getattr(module, "WHY", ""))
     module.check(source)
+    options = {"dtype": dtype, "llama_cpp_python": llama_cpp_python} if fmt == "gguf" else {}
+    options = {k: v for k, v in options.items() if v}
+    if against_dense and fmt != "gguf":
+        raise AmpError("--against-dense compares GGUF file sizes; it needs --format gguf")
+    dense = _dense_folder(source) if against_dense else None
     start = time.perf_counter()
 
     def bar(items, desc):
         return tqdm(items, desc=desc, unit="layer", disable=not progress)
     with folders.staged_folder(out, overwrite) as tmp:
-        result = module.export(source, Path(tmp), bar, **({"dtype": dtype} if dtype else {}))
+        result = module.export(source, Path(tmp), bar, **options)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                      "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja"):
             if (source.folder / name).is_file() and fmt == "decilm":
                 (Path(tmp) / name).write_bytes((source.folder / name).read_bytes())
         report = _report(source, fmt, result, time.perf_counter() - start)
+        if dense is not None:
+            report["dense"] = _dense_size(dense, Path(tmp), module, bar, options)
+            report["size_vs_dense"] = round(report["gguf"]["file_bytes"] / report["dense"]["file_bytes"], 4)
         (Path(tmp) / REPORT).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _dense_folder(source: ExportSource) -> Path:
+    report = folders.read_report(source.folder) or {}
+    dense = Path(report.get("model_path", ""))
+    if not report.get("model_path") or not (dense / "config.json").is_file():
+        raise AmpError(f"--against-dense: {source.folder} names no dense model that is here (amp_report.json's "
+                       f"model_path: {report.get('model_path', 'none')})")
+    return dense
+
+
+def _dense_size(dense: Path, tmp: Path, module, bar, options: dict) -> dict:
+    """The dense model exported the same way beside the export (then removed): its size and tensor types."""
+    import shutil
+    source = ExportSource(dense, module.SUPPORTED, "the dense model")
+    module.check(source)
+    work = tmp / ".dense"
+    work.mkdir()
+    try:
+        result = module.export(source, work, bar, **options)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    held = result["gguf"]
+    return {"folder": str(dense), "file_bytes": held["file_bytes"], "types": held["types"],
+            "unquantized_weights": held["unquantized_weights"]}
 
 
 def _report(source: ExportSource, fmt: str, result: dict, seconds: float) -> dict:
@@ -88,4 +124,6 @@ def _numel(shape) -> int:
     return n
 
 
-__all__ = ["FORMATS", "export_checkpoint", "REPORT"]
+GGUF_DTYPES = gguf.DTYPES
+
+__all__ = ["FORMATS", "GGUF_DTYPES", "export_checkpoint", "REPORT"]

@@ -7,8 +7,8 @@ first, then each tensor's data). q and k rows are permuted from the Hugging Face
 layer with that layer's head counts, as llama.cpp's own converter does. The tokenizer is carried over: copied from
 the GGUF file the model was dequantized from when there is one (the bundled SmolLM2), else built from
 tokenizer.json for byte-level BPE tokenizers. Every other family goes to its own architecture (gguf_native.py).
-Quantize afterwards with llama.cpp's own tool:
-`llama-quantize model.gguf model-q4_k_m.gguf Q4_K_M`.
+The quantized types (q8_0, q4_k_m, ...) are this export requantized by llama.cpp's own quantizer
+(gguf_quantize.py).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 
 from ..common.errors import AmpError
 from . import gguf_native  # every other family, in its own llama.cpp architecture
+from . import gguf_quantize
 from .gguf_common import _add_tokenizer, _array, _info, _permute
 from .padding import layout_for, padding_cost
 from .source import ExportSource
@@ -25,7 +26,7 @@ from .source import ExportSource
 DECI = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED = DECI + tuple(gguf_native.FAMILIES)
 WHY = "llama.cpp runs Phi-1.5 / Phi-2 (phi2) with a graph this export does not write yet; use --format vllm"
-DTYPES = ("f32", "f16", "bf16")
+DTYPES = ("f32", "f16", "bf16", *gguf_quantize.FTYPES)
 FILE = "model.gguf"
 
 
@@ -59,7 +60,7 @@ def _rope_factors(config: dict, head_dim: int) -> torch.Tensor | None:
         return None
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "amp_per_layer")})
+    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "amp_per_layer", "model_type", "auto_map")})
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     base = scaling.get("rope_theta", config.get("rope_theta", 10000.0))
     plain = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -71,10 +72,34 @@ def _rope_theta(config: dict) -> float:
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
-def export(source: ExportSource, out: Path, progress, dtype: str = "f16") -> dict:
-    import gguf
+def export(source: ExportSource, out: Path, progress, dtype: str = "f16", llama_cpp_python: str | None = None) -> dict:
     if dtype not in DTYPES:
         raise AmpError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype in gguf_quantize.FTYPES:
+        return _quantized(source, out, progress, dtype, gguf_quantize.find_python(llama_cpp_python))
+    result = _write(source, out, progress, dtype)
+    result["gguf"] = gguf_quantize.tensor_types(out / FILE, quantized=False)
+    return result
+
+
+def _quantized(source: ExportSource, out: Path, progress, ftype: str, python: str) -> dict:
+    """Written at 16 bits (bf16 for a bf16 checkpoint), then quantized by llama.cpp; the 16-bit file is removed."""
+    wide = "bf16" if source.storage_dtype() == torch.bfloat16 else "f16"
+    result = _write(source, out, progress, wide)
+    staged = out / f"model-{wide}.gguf"
+    (out / FILE).rename(staged)
+    gguf_quantize.quantize(staged, out / FILE, ftype, python)
+    staged.unlink()
+    held = gguf_quantize.tensor_types(out / FILE)
+    if held["unquantized_weights"]:
+        result.setdefault("notes", []).append(
+            f"{len(held['unquantized_weights'])} weight tensors stayed unquantized ({', '.join(held['unquantized_weights'][:3])}"
+            f"{', ...' if len(held['unquantized_weights']) > 3 else ''}): their rows are not a multiple of 32")
+    return {**result, "dtype": ftype, "quantized_from": wide, "gguf": held}
+
+
+def _write(source: ExportSource, out: Path, progress, dtype: str) -> dict:
+    import gguf
     if source.architecture not in DECI:
         return gguf_native.export(source, out, progress, dtype)
     d, c = source.head_dim, source.config

@@ -126,7 +126,7 @@ def _plugin(source: ExportSource, out: Path, progress) -> dict:
         sink.close()
     arch = f"Amp{source.architecture}"
     path = out / "config.json"
-    written = json.loads(path.read_text())
+    written = per_layer.family_form(json.loads(path.read_text()))  # vLLM reads the family's model_type
     written.update(architectures=[arch], amp_source_architecture=source.architecture)
     path.write_text(json.dumps(written, indent=2) + "\n")
     return {"layers": [_entry(i, lay.heads, lay.kv_heads, e.get("intermediate_size"), c)

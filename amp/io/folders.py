@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..common.errors import AmpError
+from ..runtime import per_layer
 
 REPORT_NAME = "amp_report.json"
 
@@ -46,6 +47,7 @@ def staged_folder(out: str | os.PathLike, overwrite: bool = False):
 def save_pruned(model, tokenizer, report: dict, out, overwrite: bool = False) -> Path:
     with staged_folder(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        per_layer.write_standalone(tmp)  # a per-layer result loads in plain transformers (trust_remote_code)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))

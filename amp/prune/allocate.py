@@ -7,6 +7,8 @@ neurons, so that every layer loses the same share of its parameters.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +101,20 @@ def round_kept(keep: int, total: int, multiple_of: int) -> int:
     return min(rounded, total)
 
 
+# llama.cpp quantizes a weight row in blocks: 32 values for Q4_0 .. Q8_0, super-blocks of 256 for the K-quants
+# (Q4_K_M's ffn_down). A row length that is not a multiple falls back to a larger type (Q4_K -> Q5_0, Q6_K -> Q8_0)
+# or, below 32, to F16: ffn_down's rows are the kept MLP width.
+QUANT_BLOCKS = (256, 32)
+QUANT_STEPS = 16   # the coarsest rounding a layer's MLP takes: its width in at least this many steps (6.25 % each)
+
+
+def quant_multiple(width: int) -> int:
+    """The multiple an MLP of dense `width` keeps its width at so that every llama.cpp quantization keeps its rows:
+    256 (K-quants) where the width allows 16 steps of it (4,096 neurons and up), else 32, else (a width under 512,
+    the tiny models) 1."""
+    return next((block for block in QUANT_BLOCKS if width >= QUANT_STEPS * block), 1)
+
+
 def width_ok(kept_heads: int, head_dim: int, multiple_of: int) -> bool:
     """Whether the attention's width (kept query heads x head_dim) is a multiple of `multiple_of`."""
     return multiple_of <= 1 or (kept_heads * head_dim) % multiple_of == 0
@@ -109,9 +125,10 @@ def blocks_params(layers) -> int:
 
 
 def plan(model: torch.nn.Module, layers, spec: ArchSpec, geom: Geometry, ratio: float, multiple_of: int = 1,
-         of_blocks: bool = False) -> Plan:
-    """`multiple_of`: kept neurons, and the attention's width, are multiples of it (GEMM shapes that tile well);
-    the achieved ratio is then as close as that rounding allows. `of_blocks`: the ratio counts against the decoder
+         of_blocks: bool = False, mlp_multiple_of: int = 1) -> Plan:
+    """`multiple_of`: kept neurons, and the attention's width, are multiples of it (GEMM shapes that tile well),
+    `mlp_multiple_of` kept neurons (quantization blocks); the achieved ratio is then as close as that rounding
+    allows. `of_blocks`: the ratio counts against the decoder
     blocks' parameters instead of the whole model's."""
     total = blocks_params(layers) if of_blocks else total_params(model)
     if spec.moe is not None:  # decided per layer by the budget (prune/budget.py), which checks the floors
@@ -137,7 +154,8 @@ def plan(model: torch.nn.Module, layers, spec: ArchSpec, geom: Geometry, ratio: 
         neurons = round((per_layer - n_units * attn_unit) / units.neuron)
         if not 0 <= neurons < geom.intermediate:
             continue
-        neurons = geom.intermediate - round_kept(geom.intermediate - neurons, geom.intermediate, multiple_of)
+        neurons = geom.intermediate - round_kept(geom.intermediate - neurons, geom.intermediate,
+                                                 math.lcm(multiple_of, mlp_multiple_of))
         kept_kv = geom.num_kv_heads - n_units
         if not width_ok(kept_kv * geom.group_size, geom.head_dim, multiple_of):
             continue

@@ -200,9 +200,10 @@ def _moe_block(index, obs, geom, min_keep: float, errors: str, mode: str, multip
 
 
 def layer_blocks(index, obs, units, geom, query: bool, min_keep: float, errors: str, moe_mode: str = "auto",
-                 multiple_of: int = 1) -> list[Block]:
-    """The attention and MLP blocks of one layer (errors: "measured" curves, or "mass" of scores); with
-    `multiple_of`, only removal counts that leave the attention width and the MLP width multiples of it."""
+                 multiple_of: int = 1, mlp_multiple_of: int = 1, expert_multiple_of: int = 1) -> list[Block]:
+    """The attention and MLP blocks of one layer (errors: "measured" curves, or "mass" of scores), with only the
+    removal counts that leave the attention width a multiple of `multiple_of`, the MLP's of `mlp_multiple_of` and
+    each expert's of `expert_multiple_of` (an unpruned MLP keeps its dense width, whatever it is)."""
     from .allocate import width_ok
     attention, _ = _attention_block(index, obs, units, geom, query, min_keep, errors)
     if multiple_of > 1:
@@ -210,12 +211,12 @@ def layer_blocks(index, obs, units, geom, query: bool, min_keep: float, errors: 
             (lambda k: (geom.num_kv_heads - k) * geom.group_size)
         attention = _coarsen(attention, lambda k: width_ok(heads_left(k), geom.head_dim, multiple_of))
     if obs.is_moe:
-        return [attention, _moe_block(index, obs, geom, min_keep, errors, moe_mode, multiple_of)]
+        return [attention, _moe_block(index, obs, geom, min_keep, errors, moe_mode, expert_multiple_of)]
     order = removal_order(obs.neuron_scores)
     mlp = _block(index, "mlp", [k * units.neuron for k in range(geom.intermediate + 1)], obs.neuron_scores[order],
                  obs.mlp_error, min_keep, errors, max(1, geom.intermediate // MLP_STEPS))
-    if multiple_of > 1:
-        mlp = _coarsen(mlp, lambda k: (geom.intermediate - k) % multiple_of == 0)
+    if mlp_multiple_of > 1:
+        mlp = _coarsen(mlp, lambda k: k == 0 or (geom.intermediate - k) % mlp_multiple_of == 0)
     return [attention, mlp]
 
 
@@ -232,14 +233,16 @@ def _cut(attention: Block, mlp: Block) -> Cut:
 
 def allocate(observations, units, geom, method: str, query: bool, min_keep: float, budget: int,
              depth_range: tuple[float, float], layer_params: list[int] | None = None, moe_mode: str = "auto",
-             multiple_of: int = 1) -> tuple[list[Cut], dict]:
+             multiple_of: int = 1, mlp_multiple_of: int = 1, expert_multiple_of: int = 1) -> tuple[list[Cut], dict]:
     """Per layer what it gives up (a Cut), freeing `budget` parameters in all, and the allocation's inputs for
-    the report. `layer_params`: each layer's parameters (layers of a MoE model differ); default units.layer."""
+    the report. `layer_params`: each layer's parameters (layers of a MoE model differ); default units.layer.
+    The multiples: of the attention's width, of a dense MLP's kept width, of an expert's kept width."""
     # measured curves: the sensitivity measurement, or the Gram-based paths (kl; depth under the obs criterion,
     # whose rank scores carry no mass)
     curves = bool(observations) and (bool(observations[0].attention_error) or observations[0].expert_paths is not None)
     errors = "measured" if method in ("sensitivity", "kl") or curves else "mass"
-    blocks = [layer_blocks(i, o, units, geom, query, min_keep, errors, moe_mode, multiple_of)
+    blocks = [layer_blocks(i, o, units, geom, query, min_keep, errors, moe_mode, multiple_of, mlp_multiple_of,
+                           expert_multiple_of)
               for i, o in enumerate(observations)]
     n = len(blocks)
     layer_params = layer_params or [units.layer] * n

@@ -1,6 +1,8 @@
 """PruneConfig: every knob of a prune, validated once. The CLI flags map one to one onto its fields."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 
 from ..common.errors import AmpError
@@ -53,6 +55,8 @@ class PruneConfig:
     sequential: bool | None = None   # calibrate each layer on the outputs of the already-pruned layers
     moe: str = "auto"                # MoE layers: auto (the budget decides) | experts (whole) | neurons (per expert)
     multiple_of: int = 1             # kept neurons and attention widths are multiples of this (GEMMs tile well)
+    mlp_multiple_of: int | str = "auto"  # MLP and expert widths also multiples of this (llama.cpp quantizes rows in
+                                     # blocks of 32, K-quants of 256); auto: allocate.quant_multiple, 1: as chosen
                                      # (default: yes wherever calibration data is used; measured)
     auto_allocation: bool = field(default=False, init=False, repr=False, compare=False)  # allocation was auto
     auto_heads: bool = field(default=False, init=False, repr=False, compare=False)       # heads was auto
@@ -108,6 +112,8 @@ class PruneConfig:
             raise AmpError(f"unknown --heads {self.heads!r}; choose one of {', '.join(HEADS)}")
         if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
             raise AmpError(f"--multiple-of must be a positive integer, got {self.multiple_of!r}")
+        if self.mlp_multiple_of != "auto" and (not isinstance(self.mlp_multiple_of, int) or self.mlp_multiple_of < 1):
+            raise AmpError(f"--mlp-multiple-of must be auto or a positive integer, got {self.mlp_multiple_of!r}")
         if self.moe not in MOE:
             raise AmpError(f"unknown --moe {self.moe!r}; choose one of {', '.join(MOE)}")
         if not 0.0 <= self.min_keep < 1.0:
@@ -125,6 +131,13 @@ class PruneConfig:
     def without_holdout(self) -> "PruneConfig":
         """--allocation auto on a calibration set too small to hold windows back from: uniform allocation."""
         return replace(self, allocation="uniform", heads="auto" if self.auto_heads else self.heads)
+
+    def mlp_multiple(self, width: int) -> int:
+        """What an MLP (or expert) of dense `width` keeps its width a multiple of: --multiple-of, and the
+        quantization step (allocate.quant_multiple under auto)."""
+        from .allocate import quant_multiple
+        step = quant_multiple(width) if self.mlp_multiple_of == "auto" else self.mlp_multiple_of
+        return math.lcm(step, self.multiple_of)
 
     @property
     def needs_calibration(self) -> bool:

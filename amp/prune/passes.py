@@ -41,7 +41,8 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
     layers = source.layers
     outside = allocate.total_params(model) - allocate.blocks_params(layers)  # never pruned (embeddings, head)
     ratio = config.ratio if config.ratio is not None else allocate.ratio_for_iteration(model, layers, config.iteration)
-    the_plan = allocate.plan(model, layers, spec, geom, ratio, config.multiple_of, of_blocks=config.ratio_of == "blocks")
+    the_plan = allocate.plan(model, layers, spec, geom, ratio, config.multiple_of, of_blocks=config.ratio_of == "blocks",
+                             mlp_multiple_of=config.mlp_multiple(geom.intermediate))
     if config.needs_calibration and not calibration:
         raise AmpError(f"criterion {config.criterion!r} needs calibration data")
     if config.allocation == "kl" and not held_out:
@@ -61,8 +62,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
     note = run.decide_refit(n_tokens)
     if note:
         notes.append(note)
-    kept, allocation = [], {"method": "uniform", "heads": "group",
-                            **({"multiple_of": config.multiple_of} if config.multiple_of > 1 else {})}
+    kept, allocation = [], {"method": "uniform", "heads": "group", **rounding(config, geom)}
     try:
         if config.single_pass and spec.moe is None:  # a MoE layer's shape depends on its scores: two passes
             keep_kv = geom.num_kv_heads - the_plan.attn_units_removed
@@ -135,11 +135,11 @@ def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
     with run.passes.phase("solve"):
         removed, inputs = budget_module.allocate(observations, units, geom, config.allocation, query,
                                                 config.min_keep, budget, config.depth_range, layer_params,
-                                                config.moe, config.multiple_of)
+                                                config.moe, config.multiple_of, config.mlp_multiple(geom.intermediate),
+                                                config.mlp_multiple(geom.expert_intermediate))
     if run.spec.moe is not None:
         inputs["moe"] = config.moe
-    if config.multiple_of > 1:
-        inputs["multiple_of"] = config.multiple_of
+    inputs.update(rounding(config, geom))
     shapes, kept_kv = [], []
     for obs, cut in zip(observations, removed):
         keep = kept_sets(obs, geom, query, cut)
@@ -190,6 +190,14 @@ def _cut_one(run: PruneRun, index: int, layer, observations: list, removed: list
     entry = run.cut(index, layer, obs, sink, removed[index], within_kv=within)
     observations[index] = None
     return entry
+
+
+def rounding(config: PruneConfig, geom) -> dict:
+    """The multiples the widths were rounded to, for the report (those above 1)."""
+    out = {"multiple_of": config.multiple_of, "mlp_multiple_of": config.mlp_multiple(geom.intermediate)}
+    if geom.is_moe:
+        out["expert_multiple_of"] = config.mlp_multiple(geom.expert_intermediate)
+    return {k: v for k, v in out.items() if v > 1}
 
 
 def kept_state(observations: list, fisher: list | None) -> dict:

@@ -13,6 +13,7 @@ import torch
 from ..common.errors import AmpError
 from ..io import folders, models
 from ..io.loading import load_pruned
+from ..runtime import per_layer
 from .checkpoints import checkpoint_path
 from .config import RecoverConfig
 from .data import tokenize, training_texts
@@ -88,6 +89,7 @@ def recover_checkpoint(pruned_dir, out, config: RecoverConfig, teacher: str | No
                   else torch.float32)
         with folders.staged_folder(out, overwrite) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
+            per_layer.write_standalone(tmp)  # a per-layer result stays loadable in plain transformers
             tokenizer.save_pretrained(tmp)
             (tmp / "recovery_log.json").write_text(json.dumps(history))
             plot_loss(history, tmp / "recovery_loss.png",
