@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import amp
-from amp.prune.allocate import quant_multiple
+from amp.prune.allocate import quant_levels
 from benchmarks import serve_check
 from conftest import random_calibration
 from test_cli import assert_clean_failure, run_cli
@@ -32,12 +32,12 @@ def _ids():
     return torch.randint(2, 258, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
-def test_the_quantization_multiple_follows_the_dense_width():
-    assert [quant_multiple(w) for w in (96, 511, 512, 1536, 2048, 4095, 4096, 11008, 14336)] == \
-        [1, 1, 32, 32, 32, 32, 256, 256, 256]
+def test_the_quantization_levels_follow_the_dense_width():
+    assert [quant_levels(w) for w in (96, 127, 128, 768, 1023, 1024, 1536, 11008)] == \
+        [[1], [1], [32, 1], [32, 1], [32, 1], [256, 32, 1], [256, 32, 1], [256, 32, 1]]
 
 
-@pytest.mark.parametrize("allocation", ["kl", "depth", "uniform"])
+@pytest.mark.parametrize("allocation", ["kl", "depth"])
 def test_default_widths_are_multiples_of_32_and_exact(allocation):
     original = _llama()
     pruned = copy.deepcopy(original)
@@ -46,10 +46,32 @@ def test_default_widths_are_multiples_of_32_and_exact(allocation):
     widths = [len(layer["kept_neurons"]) for layer in report["layers"]]
     assert all(w % 32 == 0 for w in widths), widths
     assert report["allocation"]["mlp_multiple_of"] == 32
-    assert abs(report["ratio_achieved"] - 0.3) < 0.02
+    assert abs(report["ratio_achieved"] - 0.3) < 0.005
     with torch.no_grad():
         torch.testing.assert_close(pruned(_ids()).logits, masked_reference(original, report)(_ids()).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.3])
+@pytest.mark.parametrize("allocation,heads", [("depth", "query"), ("uniform", "group")])
+def test_auto_keeps_the_coarsest_multiple_whose_budget_lands(allocation, heads, ratio):
+    """SmolLM2's shapes (1,536 neurons: 256, 32 or 1): auto keeps 256 exactly where 256 lands the budget within
+    half a percent of the parameters, else the next; the uniform allocation (the same cut in every layer, nothing
+    to even it out) often cannot."""
+    from test_budget import smollm2_shaped
+
+    def prune(**extra):
+        return amp.prune_(smollm2_shaped(), amp.PruneConfig(ratio=ratio, criterion="random", allocation=allocation,
+                                                            heads=heads, **extra), progress=False)
+    report = prune()
+    multiple = report["allocation"].get("mlp_multiple_of", 1)
+    assert all(len(layer["kept_neurons"]) % multiple == 0 for layer in report["layers"])
+    assert abs(report["ratio_achieved"] - ratio) <= 0.005
+    forced = {m: prune(mlp_multiple_of=m) for m in (256, 32)}
+    lands = {m: abs(r["ratio_achieved"] - ratio) <= 0.005 for m, r in forced.items()}
+    assert multiple == (256 if lands[256] else 32 if lands[32] else 1)
+    if allocation == "depth":
+        assert multiple == 256
 
 
 def test_mlp_multiple_of_one_leaves_the_widths_the_budget_chose():
@@ -66,7 +88,8 @@ def test_expert_widths_are_multiples_too():
                             num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
     original = Qwen3MoeForCausalLM(config).eval()
     pruned = copy.deepcopy(original)
-    report = amp.prune_(pruned, amp.PruneConfig(ratio=0.3, allocation="depth", moe="neurons"),
+    # this tiny model's budget does not land within 0.5 % at 32 (auto falls back): the multiple asked for by name
+    report = amp.prune_(pruned, amp.PruneConfig(ratio=0.3, allocation="depth", moe="neurons", mlp_multiple_of=32),
                         random_calibration(n=8), progress=False)
     widths = {len(n) for layer in report["layers"] for n in layer["kept_expert_neurons"]}
     assert widths and all(w % 32 == 0 for w in widths) and min(widths) < 512, widths

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from amp.api import prune_checkpoint
 from amp import PruneConfig
 from amp.quality.perplexity import perplexity, tokenize_text
+from test_standalone import run_outside
 
 SEQLEN, WINDOWS = 256, 12
 
@@ -34,8 +35,16 @@ def test_smollm2_pruned_10_percent_keeps_perplexity(smollm2_dir, data_dir, tmp_p
     assert len(saved["layers"]) == 30
     assert all(min(layer["kept_neurons"]) >= 0 and max(layer["kept_neurons"]) < 1536 for layer in saved["layers"])
 
-    pruned = AutoModelForCausalLM.from_pretrained(out)  # vanilla transformers
+    pruned = AutoModelForCausalLM.from_pretrained(out)  # the engine registered the per-layer form
     assert sum(p.numel() for p in pruned.parameters()) == report["params_after"]
+    # the default's per-layer result in plain transformers, the engine hidden: the same logits (fp32, 1e-5)
+    ids = tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
+    work = tmp_path / "outside"
+    work.mkdir()
+    got = run_outside({"smollm2": out}, ids, work)["smollm2"]
+    assert "custom code" in got["without_trust"] and got["params"] == report["params_after"]
+    with torch.no_grad():
+        torch.testing.assert_close(got["logits"], pruned(ids).logits, rtol=0, atol=1e-5)
     ppl_dense = wikitext_ppl(dense, tokenizer, data_dir)
     ppl_pruned = wikitext_ppl(pruned, tokenizer, data_dir)
     ratio = ppl_pruned["perplexity"] / ppl_dense["perplexity"]

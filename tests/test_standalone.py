@@ -39,20 +39,24 @@ def pruned(tmp_path_factory, data_dir):
     return folders
 
 
-@pytest.fixture(scope="module")
-def outside(pruned, tmp_path_factory):
-    """What a Python without the engine computed on every folder."""
-    root = tmp_path_factory.mktemp("outside")
-    torch.save(_ids(), root / "ids.pt")
-    job = {"folders": {k: str(v) for k, v in pruned.items()}, "ids": str(root / "ids.pt"),
-           "out": str(root / "out.pt"), "lm_eval": "llama_gqa"}
-    (root / "job.json").write_text(json.dumps(job))
+def run_outside(folders: dict, ids: torch.Tensor, work: Path, lm_eval: str | None = None) -> dict:
+    """What a Python that cannot import the engine computes on each folder (tests/standalone_check.py)."""
+    torch.save(ids, work / "ids.pt")
+    job = {"folders": {k: str(v) for k, v in folders.items()}, "ids": str(work / "ids.pt"), "out": str(work / "out.pt"),
+           "lm_eval": lm_eval}
+    (work / "job.json").write_text(json.dumps(job))
     # PYTHONPATH kept (an older transformers overlaid by benchmarks/compat_transformers); the check hides the engine
-    done = subprocess.run([sys.executable, str(HERE / "standalone_check.py"), str(root / "job.json")], cwd=root,
+    done = subprocess.run([sys.executable, str(HERE / "standalone_check.py"), str(work / "job.json")], cwd=work,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(root / "out.pt", weights_only=False)
+    return torch.load(work / "out.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def outside(pruned, tmp_path_factory):
+    """What a Python without the engine computed on every folder."""
+    return run_outside(pruned, _ids(), tmp_path_factory.mktemp("outside"), lm_eval="llama_gqa")
 
 
 @pytest.mark.parametrize("family", ALL)

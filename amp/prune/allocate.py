@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -65,6 +65,7 @@ class Plan:
     params_removed_per_layer: int
     num_layers: int
     ideal_attn_units_removed: int   # before any adjustment for loadability or MLP capacity
+    rounding: dict = field(default_factory=dict)  # the width multiples applied (for the report)
 
 
 def total_params(model: torch.nn.Module) -> int:
@@ -104,15 +105,21 @@ def round_kept(keep: int, total: int, multiple_of: int) -> int:
 # llama.cpp quantizes a weight row in blocks: 32 values for Q4_0 .. Q8_0, super-blocks of 256 for the K-quants
 # (Q4_K_M's ffn_down). A row length that is not a multiple falls back to a larger type (Q4_K -> Q5_0, Q6_K -> Q8_0)
 # or, below 32, to F16: ffn_down's rows are the kept MLP width.
-QUANT_BLOCKS = (256, 32)
-QUANT_STEPS = 16   # the coarsest rounding a layer's MLP takes: its width in at least this many steps (6.25 % each)
+QUANT_BLOCKS = (256, 32, 1)
+QUANT_STEPS = 4          # a block is offered to an MLP that holds at least this many of them
+BUDGET_TOLERANCE = 0.005  # auto keeps the coarsest block whose budget lands within this share of the parameters
 
 
-def quant_multiple(width: int) -> int:
-    """The multiple an MLP of dense `width` keeps its width at so that every llama.cpp quantization keeps its rows:
-    256 (K-quants) where the width allows 16 steps of it (4,096 neurons and up), else 32, else (a width under 512,
-    the tiny models) 1."""
-    return next((block for block in QUANT_BLOCKS if width >= QUANT_STEPS * block), 1)
+def quant_levels(width: int) -> list[int]:
+    """The multiples an MLP of dense `width` may keep its width at under --mlp-multiple-of auto, coarsest first:
+    256 (every K-quant keeps the rows), 32 (Q4_0 .. Q8_0 do), 1 (as the budget chose), each where the width holds
+    at least QUANT_STEPS of it. The prune keeps the first whose budget still lands (BUDGET_TOLERANCE)."""
+    return [block for block in QUANT_BLOCKS if block == 1 or width >= QUANT_STEPS * block]
+
+
+def lands(freed: int, budget: int, total: int) -> bool:
+    """Whether the parameters a rounded allocation frees are within BUDGET_TOLERANCE of the model of the budget."""
+    return abs(freed - budget) <= BUDGET_TOLERANCE * total
 
 
 def width_ok(kept_heads: int, head_dim: int, multiple_of: int) -> bool:

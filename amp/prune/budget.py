@@ -282,6 +282,7 @@ def allocate(observations, units, geom, method: str, query: bool, min_keep: floa
             mlp.removed = min(range(len(mlp.params)), key=lambda j: (abs(mlp.params[j] - rest), j))
     else:
         raise AmpError(f"unknown allocation {method!r}")
+    inputs["freed_params"] = sum(b.params[b.removed] for pair in blocks for b in pair)
     return [_cut(a, m) for a, m in blocks], inputs
 
 

@@ -132,11 +132,19 @@ class PruneConfig:
         """--allocation auto on a calibration set too small to hold windows back from: uniform allocation."""
         return replace(self, allocation="uniform", heads="auto" if self.auto_heads else self.heads)
 
-    def mlp_multiple(self, width: int) -> int:
-        """What an MLP (or expert) of dense `width` keeps its width a multiple of: --multiple-of, and the
-        quantization step (allocate.quant_multiple under auto)."""
-        from .allocate import quant_multiple
-        step = quant_multiple(width) if self.mlp_multiple_of == "auto" else self.mlp_multiple_of
+    @property
+    def width_levels(self) -> tuple:
+        """The quantization blocks to try, coarsest first (auto: allocate.QUANT_BLOCKS, of which the prune keeps
+        the coarsest whose budget lands; an explicit --mlp-multiple-of: that one)."""
+        from .allocate import QUANT_BLOCKS
+        return QUANT_BLOCKS if self.mlp_multiple_of == "auto" else (self.mlp_multiple_of,)
+
+    def mlp_multiple(self, width: int, level: int) -> int:
+        """What an MLP (or expert) of dense `width` keeps its width a multiple of at `level` (one of
+        width_levels): --multiple-of combined with the level's block, or under auto the coarsest block up to it
+        that the width holds enough of (allocate.quant_levels)."""
+        from .allocate import quant_levels
+        step = level if self.mlp_multiple_of != "auto" else max(b for b in quant_levels(width) if b <= level)
         return math.lcm(step, self.multiple_of)
 
     @property

@@ -155,7 +155,8 @@ class PruneRun:
         if sensitivity is not None and self.moe_layers[index]:
             sensitivity = {**sensitivity, "moe": {"mode": self.config.moe, "min_keep": self.config.min_keep,
                                                   "config": self.model.config,
-                                                  "multiple_of": self.config.mlp_multiple(self.geom.expert_intermediate)}}
+                                                  "multiple_of": self.config.mlp_multiple(
+                                                      self.geom.expert_intermediate, self.config.width_levels[-1])}}
         if self.moe_layers[index] and not self.config.needs_calibration:  # data-free: still the fused layout
             from .experts import check_fused
             check_fused(layer, self.spec.moe)

@@ -41,8 +41,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
     layers = source.layers
     outside = allocate.total_params(model) - allocate.blocks_params(layers)  # never pruned (embeddings, head)
     ratio = config.ratio if config.ratio is not None else allocate.ratio_for_iteration(model, layers, config.iteration)
-    the_plan = allocate.plan(model, layers, spec, geom, ratio, config.multiple_of, of_blocks=config.ratio_of == "blocks",
-                             mlp_multiple_of=config.mlp_multiple(geom.intermediate))
+    the_plan = _plan(model, layers, spec, geom, ratio, config)
     if config.needs_calibration and not calibration:
         raise AmpError(f"criterion {config.criterion!r} needs calibration data")
     if config.allocation == "kl" and not held_out:
@@ -62,7 +61,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
     note = run.decide_refit(n_tokens)
     if note:
         notes.append(note)
-    kept, allocation = [], {"method": "uniform", "heads": "group", **rounding(config, geom)}
+    kept, allocation = [], {"method": "uniform", "heads": "group", **the_plan.rounding}
     try:
         if config.single_pass and spec.moe is None:  # a MoE layer's shape depends on its scores: two passes
             keep_kv = geom.num_kv_heads - the_plan.attn_units_removed
@@ -133,13 +132,9 @@ def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
     budget = the_plan.params_removed_per_layer * len(observations) if uniform_groups \
         else round(the_plan.target_ratio * the_plan.total_params)
     with run.passes.phase("solve"):
-        removed, inputs = budget_module.allocate(observations, units, geom, config.allocation, query,
-                                                config.min_keep, budget, config.depth_range, layer_params,
-                                                config.moe, config.multiple_of, config.mlp_multiple(geom.intermediate),
-                                                config.mlp_multiple(geom.expert_intermediate))
+        removed, inputs = _solve(run, observations, units, query, budget, layer_params, the_plan.total_params)
     if run.spec.moe is not None:
         inputs["moe"] = config.moe
-    inputs.update(rounding(config, geom))
     shapes, kept_kv = [], []
     for obs, cut in zip(observations, removed):
         keep = kept_sets(obs, geom, query, cut)
@@ -192,11 +187,52 @@ def _cut_one(run: PruneRun, index: int, layer, observations: list, removed: list
     return entry
 
 
-def rounding(config: PruneConfig, geom) -> dict:
+def _plan(model, layers, spec, geom, ratio: float, config: PruneConfig):
+    """The uniform plan at the coarsest MLP width multiple whose budget lands (--mlp-multiple-of auto); what was
+    applied goes into the plan's `rounding`."""
+    for level in config.width_levels:
+        last = level == config.width_levels[-1]
+        try:
+            the_plan = allocate.plan(model, layers, spec, geom, ratio, config.multiple_of,
+                                     of_blocks=config.ratio_of == "blocks",
+                                     mlp_multiple_of=config.mlp_multiple(geom.intermediate, level))
+        except AmpError:
+            if last:
+                raise
+            continue
+        freed = the_plan.params_removed_per_layer * the_plan.num_layers
+        if allocate.lands(freed, round(ratio * the_plan.total_params), the_plan.total_params) or last or \
+                spec.moe is not None:  # a MoE model's budget is decided per layer (_solve)
+            return allocate.replace(the_plan, rounding=rounding(config, level, geom))
+
+
+def _solve(run: PruneRun, observations, units, query: bool, budget: int, layer_params, total: int):
+    """The budget allocation at the coarsest MLP (and expert) width multiple whose freed parameters land within
+    allocate.BUDGET_TOLERANCE of the budget; the finest level whatever it frees. Under the sensitivity allocation
+    a MoE layer's measured curve follows the finest expert path, so the experts stay at that level."""
+    config, geom = run.config, run.geom
+    levels = config.width_levels
+    for level in levels:
+        expert_level = levels[-1] if config.allocation == "sensitivity" else level
+        removed, inputs = budget_module.allocate(
+            observations, units, geom, config.allocation, query, config.min_keep, budget, config.depth_range,
+            layer_params, config.moe, config.multiple_of, config.mlp_multiple(geom.intermediate, level),
+            config.mlp_multiple(geom.expert_intermediate, expert_level))
+        if allocate.lands(inputs["freed_params"], budget, total) or level == levels[-1]:
+            inputs.update(rounding(config, level, geom, expert_level))
+            if level != levels[0]:
+                inputs["width_note"] = (f"MLP widths rounded to multiples of {inputs.get('mlp_multiple_of', 1)}: a "
+                                        f"coarser multiple would have missed the budget by more than "
+                                        f"{allocate.BUDGET_TOLERANCE:.1%} of the parameters")
+            return removed, inputs
+
+
+def rounding(config: PruneConfig, level: int, geom, expert_level: int | None = None) -> dict:
     """The multiples the widths were rounded to, for the report (those above 1)."""
-    out = {"multiple_of": config.multiple_of, "mlp_multiple_of": config.mlp_multiple(geom.intermediate)}
+    out = {"multiple_of": config.multiple_of, "mlp_multiple_of": config.mlp_multiple(geom.intermediate, level)}
     if geom.is_moe:
-        out["expert_multiple_of"] = config.mlp_multiple(geom.expert_intermediate)
+        out["expert_multiple_of"] = config.mlp_multiple(geom.expert_intermediate,
+                                                        level if expert_level is None else expert_level)
     return {k: v for k, v in out.items() if v > 1}
 
 
