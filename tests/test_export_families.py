@@ -25,7 +25,9 @@ from conftest import random_calibration
 from test_cli import assert_clean_failure, run_cli
 from tiny_models import make_tiny, save_tiny
 
-MODES = {"uniform": {}, "per-layer": dict(allocation="depth", heads="query")}
+# per-layer: widths as the budget chose them (--mlp-multiple-of 1), so that layers differ and the padding of
+# neurons is exercised too
+MODES = {"uniform": {}, "per-layer": dict(allocation="depth", heads="query", mlp_multiple_of=1)}
 FAMILIES = sorted(serve_check.FAMILIES)
 
 

@@ -7,10 +7,11 @@ paired ratios with their spread.
 - vLLM (its CPU build, fp32, eager): a batch of 16 prompts x 64 new tokens, tokens/s of the whole generate call
   (after a warm-up call); per-layer results through the amp-vllm plugin's export.
 - llama.cpp (llama-cpp-python): one stream, 4 prompts x 64 new tokens; decode tokens/s (prompt evaluation timed
-  apart), for the f16 export and the quantized ones.
+  apart), for the f16 export and the quantized ones; the quantized files' greedy continuations against the f16
+  file's of the same model (identical tokens before the first difference).
 
     python -m benchmarks.deploy.serve_speed [--models smollm2-135m,gemma3-270m] [--recipes default,paper]
-        [--ratio 0.2] [--runtimes vllm,llamacpp] [--gguf f16,q4_k_m] [--repeats 3] [--work DIR] [--no-record]
+        [--ratio 0.2] [--runtimes vllm,llamacpp] [--gguf f16,q8_0,q4_k_m] [--repeats 3] [--work DIR] [--no-record]
 
 Run it alone: every process here uses every core.
 """
@@ -59,18 +60,22 @@ llm = Llama(model_path=job["path"], n_ctx=512, verbose=False, n_threads=job["thr
 llm.eval(job["prompts"][0][:8])  # warm-up
 prefill = decode = 0.0
 n = 0
+greedy = []
 for ids in job["prompts"]:
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
     t1 = time.perf_counter()
+    seq = []
     for _ in range(job["new_tokens"]):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        seq.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([seq[-1]])
         n += 1
     prefill += t1 - t0
     decode += time.perf_counter() - t1
-print("RESULT " + json.dumps({"tokens_per_s": n / decode, "prefill_tokens_per_s":
-                              sum(len(p) for p in job["prompts"]) / prefill}))
+    greedy.append(seq)
+print("RESULT " + json.dumps({"tokens_per_s": n / decode, "greedy": greedy,
+                              "prefill_tokens_per_s": sum(len(p) for p in job["prompts"]) / prefill}))
 """
 
 
@@ -135,7 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", default="default,paper")
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--runtimes", default="vllm,llamacpp")
-    p.add_argument("--gguf", default="f16,q4_k_m")
+    p.add_argument("--gguf", default="f16,q8_0,q4_k_m")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--work", default=None, help="keep (and reuse) the pruned models and exports here")
     p.add_argument("--data-dir", default=None)
@@ -152,10 +157,11 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="amp-serve-speed-"))
     work.mkdir(parents=True, exist_ok=True)
     recipes = args.recipes.split(",")
-    rows = []
+    rows, agreement = [], []
     for name in args.models.split(","):
         built = _build(name, recipes, args.ratio, args.gguf.split(","), runtimes, work, data_dir)
         tokenizer = load_tokenizer(built["dense"])
+        greedy = {}
         for variant in built["variants"]["dense"]:
             runtime = variant.split("-")[0]
             prompts = _prompts(tokenizer, data_dir, VLLM_PROMPTS if runtime == "vllm" else LLAMA_PROMPTS)
@@ -177,12 +183,25 @@ def main(argv=None) -> int:
                     row["prefill_speedup_median"] = round(statistics.median(
                         m["prefill_tokens_per_s"] / d["prefill_tokens_per_s"]
                         for m, d in zip(speeds[recipe], speeds["dense"])), 3)
+                    for label in ("dense", recipe):
+                        greedy[(label, variant)] = speeds[label][0]["greedy"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        for (label, variant), seqs in sorted(greedy.items()):  # quantized against f16, the same model
+            if variant == "llamacpp-f16" or (label, "llamacpp-f16") not in greedy:
+                continue
+            ref = greedy[(label, "llamacpp-f16")]
+            prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(seqs, ref)]
+            agreement.append({"model": name, "label": label, "variant": variant, "identical_prefix": prefix,
+                              "identical": f"{sum(p == NEW_TOKENS for p in prefix)}/{len(prefix)}"})
+            print(json.dumps(agreement[-1]), flush=True)
     if not args.no_record:
         summary = [f"{r['model']} {r['recipe']} at {r['ratio']:.0%}, {r['variant']}: {r['speedup_median']:.2f}x dense "
                    f"(median of {r['repeats']} alternated fresh-process pairs, spread {r['speedup_min']:.2f}-"
                    f"{r['speedup_max']:.2f}; dense {r['dense_tokens_per_s']} tokens/s)" for r in rows]
+        summary += [f"{a['model']} {a['label']} {a['variant']}: greedy continuations identical to the f16 file's "
+                    f"in {a['identical']} prompts; identical tokens before the first difference {a['identical_prefix']}"
+                    for a in agreement]
         record("serve_speed", rows, summary)
     return 0
 
