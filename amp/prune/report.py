@@ -116,8 +116,9 @@ def notes(plan: allocate.Plan, geom, config: PruneConfig) -> list[str]:
     out = []
     if not config.single_pass:
         return [f"per-layer allocation {config.allocation} with {config.heads} heads: every layer has its own "
-                "sizes (amp_report.json 'layers'); a checkpoint with differing layers loads after `import amp`, "
-                "and `amp export --format vllm|gguf` serves it"]
+                "sizes (amp_report.json 'layers'); the folder carries its modelling code (modeling_amp.py), so "
+                "transformers loads it with trust_remote_code=True (the engine without), and `amp export --format "
+                "vllm|gguf` serves it"]
     if plan.target_ratio >= KL_PAYS_FROM - 1e-9 and config.allocation == "uniform" and \
             config.criterion not in DATA_FREE:
         out.append(f"at {plan.target_ratio:.0%}, consider the default allocation (kl, --allocation auto): on SmolLM2 "
