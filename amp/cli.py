@@ -272,7 +272,8 @@ def _print_export(report: dict, out) -> None:
         print(f"note: {note}")
     held = report.get("gguf")
     if held:
-        types = ", ".join(f"{k} {v['tensors']}" for k, v in sorted(held["types"].items(), key=lambda kv: -kv[1]["bytes"]))
+        by_bytes = sorted(held["types"].items(), key=lambda kv: -kv[1]["bytes"])
+        types = ", ".join(f"{k} {v['tensors']}" for k, v in by_bytes)
         line = f"{report['dtype'].upper()}: {held['file_bytes'] / 1e6:.1f} MB (tensors by type: {types})"
         if "dense" in report:
             line += f"; the dense model the same way: {report['dense']['file_bytes'] / 1e6:.1f} MB " \
@@ -346,7 +347,8 @@ def cmd_prune(args) -> int:
                          allocation=args.allocation, heads=args.heads, min_keep=args.min_keep,
                          depth_range=_pair(args.depth_range), compensate=args.compensate, damp=args.damp,
                          sequential=args.sequential, moe=args.moe,
-                         multiple_of=args.multiple_of, mlp_multiple_of=args.mlp_multiple_of, ratio_of=args.ratio_of, holdout=args.holdout)
+                         multiple_of=args.multiple_of, mlp_multiple_of=args.mlp_multiple_of,
+                         ratio_of=args.ratio_of, holdout=args.holdout)
     recovery = _recover_config(args, prefix="recover-") if args.recover else None
     if not args.recover and args.teacher:
         raise AmpError("--teacher is a recovery flag: add --recover")

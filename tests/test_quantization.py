@@ -108,8 +108,8 @@ def test_bad_mlp_multiple_is_refused(capsys, tmp_path):
 
 
 def test_a_quantized_export_without_llama_cpp_fails_cleanly(tmp_path, monkeypatch, capsys):
-    from amp.export import gguf_quantize
-    monkeypatch.setattr(gguf_quantize.importlib.util, "find_spec", lambda name: None)
+    from amp.io import runtimes
+    monkeypatch.setattr(runtimes.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setenv("AMP_CACHE_DIR", str(tmp_path / "empty-cache"))
     monkeypatch.delenv("AMP_LLAMA_CPP_PYTHON", raising=False)
     src = save_tiny(_llama(), tmp_path / "dense")
@@ -125,7 +125,8 @@ def test_quantized_exports_name_their_types_and_run_in_llama_cpp(tmp_path, data_
     against the dense model quantized the same way, and llama.cpp runs the Q8_0 file with logits close to the
     f16 export's; a width that is not a multiple of 32 is named where it stayed F16."""
     python = serve_check.venv_python("llamacpp")
-    assert python.is_file(), "llama.cpp is not installed: python -m benchmarks.serve_check --install --runtimes llamacpp"
+    assert python.is_file(), \
+        "llama.cpp is not installed: python -m benchmarks.serve_check --install --runtimes llamacpp"
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**{**WIDE, "hidden_size": 256, "head_dim": 64, "intermediate_size": 1024,
                                             "vocab_size": len(serve_check.tiny_tokenizer_with_merges())}))
@@ -166,7 +167,8 @@ def test_quantized_exports_name_their_types_and_run_in_llama_cpp(tmp_path, data_
     # a width llama.cpp cannot block: named, not hidden
     amp.prune_checkpoint(str(src), dataclasses.replace(config, mlp_multiple_of=1), tmp_path / "odd",
                          data_dir=data_dir, progress=False)
-    widths = [e["intermediate_size"] for e in json.loads((tmp_path / "odd" / "config.json").read_text())["amp_per_layer"]]
+    odd_config = json.loads((tmp_path / "odd" / "config.json").read_text())
+    widths = [e["intermediate_size"] for e in odd_config["amp_per_layer"]]
     odd = amp.export_checkpoint(tmp_path / "odd", "gguf", tmp_path / "odd-q8", dtype="q8_0",
                                 llama_cpp_python=str(python), progress=False)
     named = [f"blk.{i}.ffn_down.weight" for i, w in enumerate(widths) if w % 32]

@@ -60,7 +60,8 @@ def _rope_factors(config: dict, head_dim: int) -> torch.Tensor | None:
         return None
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "amp_per_layer", "model_type", "auto_map")})
+    skip = ("architectures", "amp_per_layer", "model_type", "auto_map")  # not LlamaConfig's, or another family's
+    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in skip})
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     base = scaling.get("rope_theta", config.get("rope_theta", 10000.0))
     plain = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -91,10 +92,11 @@ def _quantized(source: ExportSource, out: Path, progress, ftype: str, python: st
     gguf_quantize.quantize(staged, out / FILE, ftype, python)
     staged.unlink()
     held = gguf_quantize.tensor_types(out / FILE)
-    if held["unquantized_weights"]:
+    left = held["unquantized_weights"]
+    if left:
         result.setdefault("notes", []).append(
-            f"{len(held['unquantized_weights'])} weight tensors stayed unquantized ({', '.join(held['unquantized_weights'][:3])}"
-            f"{', ...' if len(held['unquantized_weights']) > 3 else ''}): their rows are not a multiple of 32")
+            f"{len(left)} weight tensors stayed unquantized ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}): "
+            "their rows are not a multiple of 32")
     return {**result, "dtype": ftype, "quantized_from": wide, "gguf": held}
 
 

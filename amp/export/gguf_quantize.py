@@ -14,13 +14,11 @@ It is not a dependency of the engine (a compiled llama.cpp of its own); the othe
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from ..common.errors import AmpError
+from ..io.runtimes import runtime_python
 
 # file type -> llama.cpp's llama_ftype (llama.h): what `llama-quantize` takes by name
 FTYPES = {"q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q4_k_m": 15, "q4_0": 2}
@@ -36,20 +34,10 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 
 def find_python(given: str | None = None) -> str:
     """A Python interpreter that imports llama_cpp."""
-    for candidate in (given, os.environ.get("AMP_LLAMA_CPP_PYTHON")):
-        if candidate:
-            if not Path(candidate).is_file():
-                raise AmpError(f"--llama-cpp-python {candidate}: no such interpreter")
-            return candidate
-    if importlib.util.find_spec("llama_cpp") is not None:
-        return sys.executable
-    from ..io.models import cache_dir
-    cached = cache_dir() / "runtimes" / "llamacpp" / "bin" / "python"
-    if cached.is_file():
-        return str(cached)
-    raise AmpError("a quantized GGUF needs llama.cpp's quantizer from llama-cpp-python: pip install llama-cpp-python "
-                   "(or python -m benchmarks.serve_check --install --runtimes llamacpp), or name a Python that has it "
-                   "with --llama-cpp-python")
+    return runtime_python(given, "AMP_LLAMA_CPP_PYTHON", "--llama-cpp-python", "llama_cpp", "llamacpp",
+                          "a quantized GGUF needs llama.cpp's quantizer from llama-cpp-python: pip install "
+                          "llama-cpp-python (or python -m benchmarks.serve_check --install --runtimes llamacpp), or "
+                          "name a Python that has it with --llama-cpp-python")
 
 
 def quantize(source: Path, out: Path, ftype: str, python: str) -> None:

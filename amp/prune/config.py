@@ -53,11 +53,12 @@ class PruneConfig:
     compensate: str = "auto"         # none | bias | refit | bias+refit (auto: bias for flap, else the measured best)
     damp: float = 0.01               # refit damping, relative to the mean diagonal of the Gram matrix
     sequential: bool | None = None   # calibrate each layer on the outputs of the already-pruned layers
+                                     # (default: yes wherever calibration data is used; measured)
     moe: str = "auto"                # MoE layers: auto (the budget decides) | experts (whole) | neurons (per expert)
     multiple_of: int = 1             # kept neurons and attention widths are multiples of this (GEMMs tile well)
     mlp_multiple_of: int | str = "auto"  # MLP and expert widths also multiples of this (llama.cpp quantizes rows in
-                                     # blocks of 32, K-quants of 256); auto: allocate.quant_multiple, 1: as chosen
-                                     # (default: yes wherever calibration data is used; measured)
+                                     # blocks of 32, K-quants of 256); auto: the coarsest of allocate.QUANT_BLOCKS
+                                     # whose budget lands; 1: as chosen
     auto_allocation: bool = field(default=False, init=False, repr=False, compare=False)  # allocation was auto
     auto_heads: bool = field(default=False, init=False, repr=False, compare=False)       # heads was auto
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -203,7 +204,7 @@ def _plan(model, layers, spec, geom, ratio: float, config: PruneConfig):
         freed = the_plan.params_removed_per_layer * the_plan.num_layers
         if allocate.lands(freed, round(ratio * the_plan.total_params), the_plan.total_params) or last or \
                 spec.moe is not None:  # a MoE model's budget is decided per layer (_solve)
-            return allocate.replace(the_plan, rounding=rounding(config, level, geom))
+            return replace(the_plan, rounding=rounding(config, level, geom))
 
 
 def _solve(run: PruneRun, observations, units, query: bool, budget: int, layer_params, total: int):
@@ -220,20 +221,22 @@ def _solve(run: PruneRun, observations, units, query: bool, budget: int, layer_p
             config.mlp_multiple(geom.expert_intermediate, expert_level))
         if allocate.lands(inputs["freed_params"], budget, total) or level == levels[-1]:
             inputs.update(rounding(config, level, geom, expert_level))
-            if level != levels[0]:
-                inputs["width_note"] = (f"MLP widths rounded to multiples of {inputs.get('mlp_multiple_of', 1)}: a "
-                                        f"coarser multiple would have missed the budget by more than "
-                                        f"{allocate.BUDGET_TOLERANCE:.1%} of the parameters")
             return removed, inputs
 
 
 def rounding(config: PruneConfig, level: int, geom, expert_level: int | None = None) -> dict:
-    """The multiples the widths were rounded to, for the report (those above 1)."""
+    """The multiples the widths were rounded to, for the report (those above 1), and a note when auto had to
+    fall back from its coarsest level."""
     out = {"multiple_of": config.multiple_of, "mlp_multiple_of": config.mlp_multiple(geom.intermediate, level)}
     if geom.is_moe:
         out["expert_multiple_of"] = config.mlp_multiple(geom.expert_intermediate,
                                                         level if expert_level is None else expert_level)
-    return {k: v for k, v in out.items() if v > 1}
+    out = {k: v for k, v in out.items() if v > 1}
+    if level != config.width_levels[0]:
+        out["width_note"] = (f"MLP widths rounded to multiples of {out.get('mlp_multiple_of', 1)}: a coarser multiple "
+                             f"would have missed the budget by more than {allocate.BUDGET_TOLERANCE:.1%} of the "
+                             "parameters")
+    return out
 
 
 def kept_state(observations: list, fisher: list | None) -> dict:

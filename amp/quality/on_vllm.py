@@ -7,7 +7,6 @@ AMP_VLLM_PYTHON variable, this interpreter, the environment `benchmarks/serve_ch
 $AMP_CACHE_DIR/runtimes/vllm."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from ..common.errors import AmpError
 from ..common.vllm_plugin import ensure_installed
-from ..io.models import cache_dir
+from ..io.runtimes import runtime_python
 from ..io.safetensors_io import Checkpoint
 from ..runtime import per_layer
 from . import zeroshot
@@ -29,19 +28,10 @@ WORKER = Path(__file__).with_name("vllm_worker.py")
 
 def find_python(vllm_python: str | None = None) -> str:
     """A Python interpreter that can import vLLM and lm-eval."""
-    for candidate in (vllm_python, os.environ.get("AMP_VLLM_PYTHON")):
-        if candidate:
-            if not Path(candidate).is_file():
-                raise AmpError(f"--vllm-python {candidate}: no such interpreter")
-            return candidate
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable
-    cached = cache_dir() / "runtimes" / "vllm" / "bin" / "python"
-    if cached.is_file():
-        return str(cached)
-    raise AmpError("--backend vllm needs a Python with vLLM and lm-eval: install them (pip install vllm lm-eval, or "
-                   "python -m benchmarks.serve_check --install --runtimes vllm for vLLM's CPU build) or name one "
-                   "with --vllm-python")
+    return runtime_python(vllm_python, "AMP_VLLM_PYTHON", "--vllm-python", "vllm", "vllm",
+                          "--backend vllm needs a Python with vLLM and lm-eval: install them (pip install vllm "
+                          "lm-eval, or python -m benchmarks.serve_check --install --runtimes vllm for vLLM's CPU "
+                          "build) or name one with --vllm-python")
 
 
 def check_servable(folder: Path) -> None:
