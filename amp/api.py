@@ -18,7 +18,7 @@ from .io.layouts import add_legacy_keys
 from .io.safetensors_io import Checkpoint, parse_size
 from .io.sinks import ModelSink, ShardSink
 from .io.sources import ModelSource, SafetensorsSource
-from .prune import allocate
+from .prune import allocate, candidates
 from .prune.config import PruneConfig
 from .prune.passes import prune_layers
 from .prune.report import prune_report
@@ -43,12 +43,71 @@ def prune_(model, config: PruneConfig, calibration=None, *, progress: bool = Tru
     _check_device(config.device)
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
-    return _prune(ModelSource(model), ModelSink(model), config, calibration, pad_id, timer, progress, None, probe)
+    return _prune(InMemory(model), config, calibration, pad_id, timer, progress, None, probe)
 
 
-def _prune(source, sink, config: PruneConfig, calibration, pad_id: int, timer, progress: bool, staging,
+class InMemory:
+    """Where a prune of a model held in memory reads and writes: the model itself; a candidate that may not be
+    kept (prune/candidates.py) reads copies of its layers and keeps its own."""
+
+    def __init__(self, model):
+        self.model = model
+        self.waiting = None
+        self.params_before = allocate.total_params(model)
+
+    def open(self, name: str | None):
+        if name == candidates.ENGINE:
+            source = ModelSource(self.model)
+            self.waiting = candidates.LayersSink(self.model, source.storage_dtype)
+            return candidates.CopySource(source), self.waiting
+        return ModelSource(self.model), ModelSink(self.model)
+
+    def keep(self, name: str) -> None:
+        if name == candidates.ENGINE:
+            self.waiting.adopt(ModelSink(self.model))
+        self.waiting = None
+
+    def close(self) -> None:
+        self.waiting = None
+
+
+class Streamed:
+    """Where a streamed prune reads and writes: the checkpoint's shards, and output shards in the staged folder
+    (each candidate of a choice in a folder of its own, the kept one's files moved up at the end)."""
+
+    def __init__(self, folder, ckpt, storage, out, max_shard_size: str):
+        self.folder, self.ckpt, self.storage, self.out = folder, ckpt, storage, out
+        self.max_shard = parse_size(max_shard_size)
+        self.sinks = {}
+        self.params_before = allocate.total_params(SafetensorsSource(folder, ckpt, storage).model)  # meta: no data
+
+    def open(self, name: str | None):
+        source = SafetensorsSource(self.folder, self.ckpt, self.storage)
+        where = self.out if name is None else self.out / f"candidate-{name}"
+        where.mkdir(exist_ok=True)
+        self.sinks[name] = ShardSink(where, self.ckpt, source.storage_dtype, self.max_shard, source.layout)
+        return source, self.sinks[name]
+
+    def keep(self, name: str) -> None:
+        import shutil
+        self.close()
+        for other, sink in self.sinks.items():
+            if other != name:
+                shutil.rmtree(sink.folder)
+        kept = self.sinks[name].folder
+        for f in kept.iterdir():
+            f.rename(self.out / f.name)
+        kept.rmdir()
+
+    def close(self) -> None:
+        for sink in self.sinks.values():
+            sink.close()
+
+
+def _prune(io, config: PruneConfig, calibration, pad_id: int, timer, progress: bool, staging,
            probe=None) -> dict:
-    """The one prune behind prune_ and prune_checkpoint (in memory or streamed), and its report."""
+    """The one prune behind prune_ and prune_checkpoint (in memory or streamed), and its report; under
+    --allocation auto, the better of the engine's and the paper's recipe by measurement (prune/candidates.py)."""
     timer = timer or PhaseTimer(config.device)
     samples = getattr(calibration, "samples", calibration)
     held_out = getattr(calibration, "held_out", None)
@@ -57,10 +116,34 @@ def _prune(source, sink, config: PruneConfig, calibration, pad_id: int, timer, p
         fallback = (f"allocation auto: {len(samples or [])} calibration samples leave none to hold back (--holdout "
                     f"{config.holdout}) for the kl allocation, so the allocation is uniform")
         config = config.without_holdout()
-    before = allocate.total_params(source.model)
-    result = prune_layers(source, sink, config, samples, pad_id=pad_id, timer=timer, progress=progress,
-                          staging=staging, probe=probe, held_out=held_out)
-    report = prune_report(source, sink, config, calibration, result, before, timer)
+    if candidates.applies(config) and not held_out:
+        samples, held_out = samples[:-config.holdout], samples[-config.holdout:]
+    before = io.params_before
+    try:
+        if candidates.applies(config):
+            opened = {}
+
+            def run_one(name, candidate, dense_final):
+                opened[name] = io.open(name)
+                return prune_layers(*opened[name], candidate, samples, pad_id=pad_id, timer=timer, progress=progress,
+                                    staging=staging, probe=probe, held_out=held_out, measure=True,
+                                    dense_final=dense_final)
+            kept, result, selection = candidates.choose(run_one, config)
+            io.keep(kept)
+            source, sink = opened[kept]
+            used = config if kept == candidates.ENGINE else candidates.paper_config(config)
+        else:
+            source, sink = io.open(None)
+            result = prune_layers(source, sink, config, samples, pad_id=pad_id, timer=timer, progress=progress,
+                                  staging=staging, probe=probe, held_out=held_out)
+            used, selection = config, None
+    finally:
+        io.close()
+    report = prune_report(source, sink, used, calibration, result, before, timer)
+    if selection is not None:
+        report["selection"] = selection
+        report["notes"].append(f"allocation auto: kept the {selection['kept']} recipe "
+                               f"({selection['candidates'][selection['kept']]['recipe']}): {selection['why']}")
     if fallback:
         report["notes"].append(fallback)
     return report
@@ -117,18 +200,12 @@ def prune_checkpoint(model_name: str | None, config: PruneConfig, out, *, overwr
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     with folders.staged_folder(out, overwrite) as tmp:
         if config.stream:
-            with timer.phase("load"):
-                source = SafetensorsSource(folder, ckpt, storage)
-            sink = ShardSink(tmp, ckpt, source.storage_dtype, parse_size(config.max_shard_size), source.layout)
-            try:
-                report = _prune(source, sink, config, calibration, pad_id, timer, progress, tmp, probe)
-            finally:
-                sink.close()
+            report = _prune(Streamed(folder, ckpt, storage, tmp, config.max_shard_size), config, calibration,
+                            pad_id, timer, progress, tmp, probe)
         else:
             with timer.phase("load"):
                 model, _, _ = models.load_model(str(folder), config.dtype)
-            report = _prune(ModelSource(model), ModelSink(model), config, calibration, pad_id, timer, progress, tmp,
-                            probe)
+            report = _prune(InMemory(model), config, calibration, pad_id, timer, progress, tmp, probe)
             with timer.phase("write"):
                 model.save_pretrained(tmp, safe_serialization=True, max_shard_size=config.max_shard_size)
                 add_legacy_keys(tmp, spec_for(model))

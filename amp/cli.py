@@ -77,8 +77,10 @@ def _prune_parser(sub):
                    help="load the whole model into host memory instead of streaming it layer by layer")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
     p.add_argument("--allocation", default="auto", choices=ALLOCATIONS,
-                   help="per-layer budgets: auto (default: kl for every criterion that reads calibration data, "
-                        "uniform for the data-free ones), uniform (the paper), depth (share rising with depth), sensitivity "
+                   help="per-layer budgets: auto (default: for every criterion that reads calibration data, "
+                        "the kl allocation and the paper's recipe (amp, uniform) are both pruned and the one with "
+                        "the lower KL on the held-back windows is kept; uniform for the data-free ones), uniform "
+                        "(the paper), depth (share rising with depth), sensitivity "
                         "(measured output change, one budget solve), kl (every layer's attention and MLP error "
                         "curve from its Gram, weighted by the output Fisher measured on held-back windows: one "
                         "solve in predicted KL divergence from the dense model)")
@@ -368,9 +370,14 @@ def cmd_prune(args) -> int:
           f"ratio {report['ratio_achieved']:.2%} of the model, {blocks['ratio_achieved']:.2%} of the decoder "
           f"blocks ({asked})")
     kl = report["allocation"].get("heldout_kl")
-    if kl:
+    if "selection" in report:
+        chosen = report["selection"]
+        print(f"allocation auto kept the {chosen['kept']} recipe "
+              f"({chosen['candidates'][chosen['kept']]['recipe']}): {chosen['why']}")
+    elif kl:
         print(f"divergence from the dense model on {kl['samples']} held-back samples ({kl['tokens']:,} tokens): "
-              f"KL {kl['measured']:.4g} nats per token (predicted by the allocation: {kl['predicted']:.4g})")
+              f"KL {kl['measured']:.4g} nats per token" +
+              (f" (predicted by the allocation: {kl['predicted']:.4g})" if kl.get("predicted") else ""))
     if report["allocation"]["method"] == "uniform" and report["allocation"]["heads"] == "group":
         print(f"per layer: heads {pl['heads'][0]} -> {pl['heads'][1]}, kv heads {pl['kv_heads'][0]} -> "
               f"{pl['kv_heads'][1]}, neurons {pl['neurons'][0]} -> {pl['neurons'][1]}")

@@ -2,10 +2,11 @@
 allocation predicted; and what one re-solve with the measured figures buys (a measurement of what a search that
 re-measures after its decisions would gain, not an engine mode).
 
-    python -m benchmarks.kl_layers [--ratio 0.2] [--rounds 1]
+    python -m benchmarks.kl_layers [--model smollm2-135m | gemma3-270m] [--ratio 0.2] [--rounds 1]
 
-SmolLM2-135M pruned in memory with the default recipe (structured OBS, kl allocation, sequential statistics, refit;
-64 C4 windows of 512 tokens, 8 more held back). On the held-back windows, the exact KL(dense || hybrid) of hybrid
+A zoo model (benchmarks/zoo) pruned in memory with the engine's kl recipe (structured OBS, kl allocation,
+sequential statistics, refit; 64 C4 windows of 512 tokens, 8 more held back), the candidate --allocation auto
+measures against the paper's recipe. On the held-back windows, the exact KL(dense || hybrid) of hybrid
 models whose first l layers are the pruned ones and the rest dense, for l = 1..L: its increments are what each
 pruned layer adds given the pruned layers before it, compounding included, which the allocation's one solve (each
 layer's OBS error weighted by the dense model's diagonal output Fisher, errors assumed additive) cannot see.
@@ -64,10 +65,12 @@ def _scaled_curves(scale: list[float] | None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="a zoo model (benchmarks/zoo)")
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--rounds", type=int, default=1, help="re-solves with the measured increments")
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--ppl-windows", type=int, default=20)
+    p.add_argument("--ppl-seqlen", type=int, default=2048)
     p.add_argument("--name", default="kl_layers")
     args = p.parse_args()
     import amp
@@ -75,7 +78,8 @@ def main():
     from amp.quality.perplexity import corpus_text, perplexity
 
     data_dir = default_data_dir()
-    dense, tokenizer, _ = amp.load_model(None)
+    from benchmarks import zoo
+    dense, tokenizer, _ = amp.load_model(str(zoo.path(args.model)))
     dense.eval()
     calib = amp.load_calibration(tokenizer, "c4", args.nsamples, 512, 0, data_dir, holdout=8)
     held = torch.stack(calib.held_out)
@@ -88,7 +92,7 @@ def main():
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         with _scaled_curves(scale):
-            report = amp.prune_(model, amp.PruneConfig(ratio=args.ratio, seed=0), calib, progress=False)
+            report = amp.prune_(model, amp.PruneConfig(ratio=args.ratio, seed=0, allocation="kl"), calib, progress=False)
         prune_s = time.perf_counter() - start
         predicted = [sum(pair) for pair in report["allocation"]["predicted_kl"]]
         hybrid, accumulated = copy.deepcopy(dense), [0.0]
@@ -97,7 +101,7 @@ def main():
             accumulated.append(_held_kl(hybrid, held, dense_logp))
             print(f"round {round_}: layers 0..{layer} pruned: KL {accumulated[-1]:.4f}", flush=True)
         increments = [accumulated[i + 1] - accumulated[i] for i in range(n_layers)]
-        ppl = perplexity(model, wiki, 2048, args.ppl_windows)["perplexity"]
+        ppl = perplexity(model, wiki, args.ppl_seqlen, args.ppl_windows)["perplexity"]
         kl = accumulated[-1]
         # the allocation's predicted total is in the scaled unit after round 0: compare the dense-Fisher sum
         unscaled = [p / s for p, s in zip(predicted, scale)] if scale else predicted
@@ -105,7 +109,7 @@ def main():
                        f"before any scaling), WikiText-2 perplexity {ppl:.2f}, prune {prune_s:.0f} s.")
         print(summary[-1], flush=True)
         for i, layer in enumerate(report["layers"]):
-            rows.append({"ratio": args.ratio, "round": round_, "layer": i,
+            rows.append({"model": args.model, "ratio": args.ratio, "round": round_, "layer": i,
                          "kept_heads": len(layer["kept_heads"]), "kept_neurons": len(layer["kept_neurons"]),
                          "predicted_kl": round(unscaled[i], 5), "measured_increment": round(increments[i], 5),
                          "measured_over_predicted": round(increments[i] / unscaled[i], 2) if unscaled[i] > 1e-5
@@ -118,7 +122,7 @@ def main():
             factors = [m / p if p > 1e-5 and m > 0 else typical for m, p in zip(increments, unscaled)]
             scale = factors  # the ratio at the allocation just measured, against the dense-Fisher prediction
         del model, hybrid
-    summary.append(f"SmolLM2-135M at {args.ratio:.0%} with the default recipe (structured OBS, kl allocation, "
+    summary.append(f"{args.model} at {args.ratio:.0%} with the kl recipe (structured OBS, kl allocation, "
                    f"sequential statistics, refit), {args.nsamples} C4 windows of 512 tokens and 8 held back; "
                    "KL: mean over the held-back tokens of KL(dense || model); measured_increment: what layer i adds "
                    "when layers 0..i are the pruned ones and the rest dense (exact forward passes); predicted_kl: "
@@ -126,7 +130,7 @@ def main():
                    "times the OBS error). Round r > 0: every layer's error curves scaled by its measured / "
                    "predicted factor in the round before (the median factor where a layer lost nothing), the budget "
                    f"solved again and the model pruned again. Perplexity: WikiText-2 test, {args.ppl_windows} "
-                   "windows of 2,048 tokens.")
+                   f"windows of {args.ppl_seqlen} tokens.")
     record(args.name, rows, summary)
     print("\n".join(summary))
 

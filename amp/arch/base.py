@@ -60,6 +60,11 @@ class ArchSpec:
     # every projection of the block), "none" (the modelling code hard-codes bias=False).
     output_bias: str = "none"
     moe: MoESpec | None = None               # mixture-of-experts layers (None: every MLP is dense)
+    # Norms on what a block writes, before the residual add (Gemma's post-attention and post-feedforward
+    # RMSNorms): (after the attention, after the MLP), or None. They divide each token's projection output by its
+    # RMS, so the error the residual stream sees is the projection's error over that RMS (statistics.py weighs
+    # the Grams by it) times the norm's gain (the rows' weights), and the output Fisher is taken after them.
+    post_norms: tuple[str, str] | None = None
     # (transformers module, decoder-layer class, base-model class) per served class: what the per-layer patch
     # teaches to build layers of their own shapes.
     hf: tuple[tuple[str, str, str], ...] = ()

@@ -70,17 +70,27 @@ class Gram:
         return cls(torch.zeros(width, width, dtype=dtype, device=device),
                    torch.zeros(width, dtype=torch.float64, device=device))
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Each batch's product added into the sum a block at a time (a whole product beside the sum would
         double the Gram's memory: 0.9 GB more at LLaMA-2-7B's down_proj), in fp32, or in bf16 for a ranking
-        Gram of bf16 activations (exact products, each block rounded once; twice the speed on a CPU)."""
-        if not (self._matrix.dtype == torch.float32 and rows.dtype == torch.bfloat16):
+        Gram of bf16 activations (exact products, each block rounded once; twice the speed on a CPU).
+        `weights`: one per row (token), so that the Gram is sum w x x^T, its total sum w x and its count sum w
+        (a post-norm family's tokens, weighted by how much their error reaches the residual stream)."""
+        if weights is not None:
+            weights = weights.to(torch.float32)
+            rows = rows.float() * weights.sqrt()[:, None]
+            total = (rows * weights.sqrt()[:, None]).sum(dim=0, dtype=torch.float64)
+        elif not (self._matrix.dtype == torch.float32 and rows.dtype == torch.bfloat16):
             rows = rows.float()
         for left, right in upper_blocks(self._matrix.shape[0]):
             self._matrix[left, right].add_(rows[:, left].T @ rows[:, right])
         self._lower_stale = True
-        self.total += rows.sum(dim=0, dtype=torch.float64)
-        self.count += rows.shape[0]
+        if weights is None:
+            self.total += rows.sum(dim=0, dtype=torch.float64)
+            self.count += rows.shape[0]
+        else:
+            self.total += total
+            self.count += float(weights.double().sum())
 
     def augmented(self, matrix: torch.Tensor | None = None) -> torch.Tensor:
         """The Gram matrix of [x; 1]: (width + 1) square, the constant channel last (`matrix`: this Gram's

@@ -63,6 +63,16 @@ class HeldOut:
         home = run.device if where == "device" else torch.device("cpu")
         self.inputs = capture_layer_inputs(run.source, self.batches, run.device, run.dtype, self.store, home)
 
+    def dense_pass(self) -> list[torch.Tensor]:
+        """The dense model's last hidden states over the held-back windows (one more read of every layer), for
+        a prune whose allocation has no Fisher pass to keep them (a candidate measured against another)."""
+        self.capture()
+        for index, layer in self.run.layers("held-back windows: dense"):
+            with self.run.timer.phase("calibrate"):
+                self.run_layer(index, layer)
+        self.dense_final = [self.store.get(b).cpu() for b in range(len(self.store))]
+        return self.dense_final
+
     def args(self, index: int, b: int):
         extra = self.inputs.get(b, index)
         return extra if self.store.where == "device" else _to(extra, self.run.device)
@@ -102,6 +112,8 @@ def _output_grads(layer, spec, moe: bool, sums: dict):
     add the squared gradient of their output, per channel, into `sums` during the backward pass."""
     modules = {"o": spec.get(layer, spec.o),
                "mlp": layer.get_submodule(spec.moe.experts) if moe else spec.get(layer, spec.down)}
+    if spec.post_norms is not None:  # what the block writes is the post-norm's output (obs._row_weights)
+        modules = {"o": layer.get_submodule(spec.post_norms[0]), "mlp": layer.get_submodule(spec.post_norms[1])}
     handles = []
     for key, module in modules.items():
         def hook(_m, _args, out, key=key):

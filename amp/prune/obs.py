@@ -317,6 +317,15 @@ def _curve(path: Path, tokens: int, weighted: bool) -> dict[int, float]:
     return {k: path.errors[k] * scale for k in range(1, last + 1) if k % path.step == 0 or k == last}
 
 
+def _row_weights(fisher: torch.Tensor | None, gain_sq: torch.Tensor | None) -> torch.Tensor | None:
+    """The output channels' weights in a path's error: the output Fisher (the KL allocation), times a post-norm's
+    squared gain (statistics.PostNormWeights; the Fisher is then taken after the norm), either, or neither."""
+    if gain_sq is None:
+        return fisher
+    gain_sq = gain_sq.cpu()
+    return gain_sq if fisher is None else fisher.to(gain_sq.dtype) * gain_sq
+
+
 def layer_paths(layer, spec, geom, stats, request: PathRequest, head_scores=None, neuron_scores=None):
     """(head scores, neuron scores, attention curve, MLP curve) of a resident layer from its Gram statistics.
     With `request.choose` the scores are structured OBS's ranks; else the given scores are kept and the curves
@@ -324,7 +333,7 @@ def layer_paths(layer, spec, geom, stats, request: PathRequest, head_scores=None
     from .criteria import group_scores, removal_order
     d, g_size = geom.head_dim, geom.group_size
     fisher = request.fisher
-    o_rows = fisher.o if fisher is not None else None
+    o_rows = _row_weights(fisher.o if fisher is not None else None, stats.o_rows)
     o_weight = spec.get(layer, spec.o).weight
     if request.query and geom.is_gqa:
         families = torch.arange(geom.num_heads) // g_size
@@ -347,8 +356,8 @@ def layer_paths(layer, spec, geom, stats, request: PathRequest, head_scores=None
         return heads, neuron_scores, attention_curve, {}
     down = spec.get(layer, spec.down).weight
     order = None if request.choose else removal_order(neuron_scores).tolist()
-    path = _path(down, stats.down_gram, 1, request.neurons, request, fisher.mlp if fisher is not None else None,
-                 order)
+    path = _path(down, stats.down_gram, 1, request.neurons, request,
+                 _row_weights(fisher.mlp if fisher is not None else None, stats.down_rows), order)
     neurons = path.scores(geom.intermediate) if request.choose else neuron_scores
     return heads, neurons, attention_curve, _curve(path, stats.tokens, fisher is not None)
 

@@ -31,12 +31,15 @@ from .layer_run import PruneRun
 @torch.no_grad()
 def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tensor] | None = None,
                  pad_id: int = 0, timer: PhaseTimer | None = None, progress: bool = True, staging=None,
-                 probe=None, held_out: list[torch.Tensor] | None = None) -> dict:
+                 probe=None, held_out: list[torch.Tensor] | None = None, measure: bool = False,
+                 dense_final: list[torch.Tensor] | None = None) -> dict:
     """Prunes every layer of `source` into `sink`; returns the keep sets, the plan and how it ran (the report's
     core). Uniform allocation of whole KV groups is one pass (every shape is known up front); any other
     allocation or single query heads observe every layer first, decide, then prune in a second pass.
     `staging`: a folder for disk-offloaded activations; `probe(event)`: called while a layer is resident;
-    `held_out`: the windows the KL allocation measures on (default: the last --holdout calibration samples)."""
+    `held_out`: the windows the KL allocation measures on (default: the last --holdout calibration samples);
+    `measure`: measure the held-out divergence whatever the allocation (a candidate of --allocation auto), against
+    `dense_final` (the dense model's last hidden states there, from an earlier candidate) when given."""
     run = PruneRun(source, config, timer or PhaseTimer(config.device), progress, probe)
     model, geom, spec = run.model, run.geom, run.spec
     layers = source.layers
@@ -45,7 +48,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
     the_plan = _plan(model, layers, spec, geom, ratio, config)
     if config.needs_calibration and not calibration:
         raise AmpError(f"criterion {config.criterion!r} needs calibration data")
-    if config.allocation == "kl" and not held_out:
+    if (config.allocation == "kl" or measure) and not held_out:
         if len(calibration) <= config.holdout:
             raise AmpError(f"the kl allocation holds back {config.holdout} calibration samples (--holdout) to measure "
                            f"on, and {len(calibration)} were given; give more samples or a smaller --holdout")
@@ -64,6 +67,12 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
         notes.append(note)
     kept, allocation = [], {"method": "uniform", "heads": "group", **the_plan.rounding}
     try:
+        if measure and config.allocation != "kl":  # the kl allocation's Fisher pass keeps the dense states
+            with run.passes.phase("divergence"):
+                run.held = HeldOut(run, held_out)
+                if dense_final is None:
+                    dense_final = run.held.dense_pass()
+                run.held.dense_final = dense_final
         if config.single_pass and spec.moe is None:  # a MoE layer's shape depends on its scores: two passes
             keep_kv = geom.num_kv_heads - the_plan.attn_units_removed
             target = target_config(model.config, keep_kv * geom.group_size, keep_kv,
@@ -71,13 +80,18 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             with run.timer.phase("write"):
                 sink.begin(target)
             with run.passes.phase("cut"):
+                if run.held is not None:
+                    run.held.capture()
                 for index, layer in run.layers(f"pruning ({config.criterion})"):
                     cut = Cut(the_plan.attn_units_removed, the_plan.neurons_removed)
                     obs = run.observe(index, layer, gram=run.refit, dense=not config.sequential,
                                       paths=config.criterion == "obs", cut=cut)
                     kept.append(run.cut(index, layer, obs, sink, cut))
+            if run.held is not None:
+                allocation["heldout_kl"] = _divergence(run, {})
         else:
             target, kept, allocation = _two_passes(run, sink, the_plan, held_out)
+        dense_final = run.held.dense_final if run.held is not None else None
     finally:
         if run.store is not None:
             run.store.close()
@@ -101,7 +115,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             "outside_params": outside,
             "offload": run.offload, "compute_dtype": dtype_name(run.dtype),
             "compute_dtype_why": run.dtype_why, "storage_dtype": dtype_name(source.storage_dtype),
-            "allocation": allocation, "target_config": target,
+            "allocation": allocation, "target_config": target, "dense_final": dense_final,
             "memory": {"passes": run.passes.report(), **run.kept_state}}
 
 
@@ -161,11 +175,15 @@ def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
             shape["head_map"] = entry["head_map"]
         target = per_layer.per_layer_config(base, shapes)
     if run.held is not None:
-        with run.timer.phase("calibrate"), run.passes.phase("divergence"):
-            inputs["heldout_kl"] = {"measured": float(f"{run.held.kl():.4g}"),
-                                    "predicted": inputs.get("predicted_kl_total"),
-                                    "samples": len(run.held.samples), "tokens": run.held.tokens}
+        inputs["heldout_kl"] = _divergence(run, inputs)
     return target, kept, {**inputs, "heads": config.heads}
+
+
+def _divergence(run: PruneRun, inputs: dict) -> dict:
+    """The pruned model's KL from the dense one over the held-back windows (and what the allocation predicted)."""
+    with run.timer.phase("calibrate"), run.passes.phase("divergence"):
+        return {"measured": float(f"{run.held.kl():.4g}"), "predicted": inputs.get("predicted_kl_total"),
+                "samples": len(run.held.samples), "tokens": run.held.tokens}
 
 
 def _cut_one(run: PruneRun, index: int, layer, observations: list, removed: list, kept_kv: list, again: bool,

@@ -66,6 +66,10 @@ class LayerStats:
     o_gram: Gram | None = None                 # sum x x^T of the same inputs (a refit)
     down_gram: Gram | None = None
     experts: "moe_structures.ExpertStats | None" = None  # a mixture-of-experts layer's expert statistics
+    # a family with post-norms (ArchSpec.post_norms): the squared gain of the norm after o_proj / down_proj per
+    # output channel, which weighs the rows of the Gram-based errors (the Grams' tokens are weighted already)
+    o_rows: torch.Tensor | None = None
+    down_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -81,6 +85,33 @@ class TokenMask:
         return x if self.flat is None else x[self.flat.to(x.device)]
 
 
+
+
+def norm_gain(norm: torch.nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The per-channel gain of an RMSNorm-like module: what it makes of a vector of ones (RMS 1), with its eps
+    taken back out. Read through the module's own forward, so a family's (1 + weight) convention needs no code."""
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)) or 0.0)
+    ones = torch.ones(1, width, dtype=like.dtype, device=like.device)
+    return (norm(ones).float().reshape(-1) * (1.0 + eps) ** 0.5)
+
+
+class PostNormWeights:
+    """A projection followed by a norm before the residual add (Gemma): the residual stream sees y / rms(y)
+    times the norm's gain, so a change d of token t's output y_t reaches it as about gain * d / rms(y_t). Each
+    token's Gram row is weighted by 1 / (mean(y_t^2) + eps), its dense output's, and the rows by gain^2: the
+    Gram-based error is then the error after the norm (to first order, the radial part, which the norm
+    removes, counted as well). Measured before the norm, the few tokens whose output is hundreds of times
+    the typical one (which the norm scales back) would own the Gram."""
+
+    def __init__(self, projection: torch.nn.Module, norm: torch.nn.Module):
+        self.projection = projection
+        self.eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)) or 1e-6)
+        weight = projection.weight
+        self.gain_sq = norm_gain(norm, weight.shape[0], weight).square()
+
+    def token_weights(self, rows: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(rows, self.projection.weight, self.projection.bias).float()
+        return 1.0 / (y.square().mean(-1) + self.eps)
 
 
 def _fused_mlp_forward(mlp_in, down, kernel, stats: "LayerStats", token_mask: TokenMask):
@@ -120,6 +151,14 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
 
     kernel = fused_activation(spec.gated, hidden_act)  # any other activation falls back to a down-proj hook
     fused = kernel is not None and not moe
+    o_post = down_post = None
+    if gram and spec.post_norms is not None:
+        attn_norm, mlp_norm = (layer.get_submodule(p) for p in spec.post_norms)
+        o_post = PostNormWeights(o_proj, attn_norm)
+        stats.o_rows = o_post.gain_sq
+        if not moe:
+            down_post = PostNormWeights(spec.get(layer, spec.down), mlp_norm)
+            stats.down_rows = down_post.gain_sq
 
     def on_o_input(_module, args):
         x = token_mask.select(args[0])
@@ -129,7 +168,7 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
         if moments:
             stats.o_moments.add(x)
         if gram:
-            stats.o_gram.add(x)
+            stats.o_gram.add(x, o_post.token_weights(x) if o_post is not None else None)
 
     def on_down_input(_module, args):
         # The fused MLP forward already feeds the down projection valid rows only (and counted |a| itself).
@@ -139,7 +178,7 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
         if moments:
             stats.down_moments.add(rows)
         if gram:
-            stats.down_gram.add(rows)
+            stats.down_gram.add(rows, down_post.token_weights(rows) if down_post is not None else None)
 
     handles = [o_proj.register_forward_pre_hook(on_o_input)]
     if moe:

@@ -1,0 +1,116 @@
+"""--allocation auto as a choice by measurement (issue 29): the engine's recipe (structured OBS under the kl
+allocation, or the given criterion under it) and the paper's (AMP scores, uniform allocation, whole KV groups; the
+same calibration, compensation and statistics) are both pruned, each one's KL divergence from the dense model is
+measured on the held-back calibration windows (never on an evaluation set), and the lower is kept. The kl
+allocation is chosen by a second-order prediction; on a model unlike those it was measured on the prediction can
+be wrong (Gemma-3-270M, issue 29), and then the measurement hands back the paper's result instead of a worse one.
+
+Costs: the paper's recipe is one pass over the layers (and it reuses the dense model's states on the held-back
+windows that the kl allocation's Fisher pass kept), so the whole prune is the engine's recipe plus the paper's.
+Memory: streamed, each candidate writes its own shards (twice the output on disk for a while), one layer resident
+as ever; in memory, the first candidate's pruned layers wait beside the model while the second prunes it."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import replace
+
+import torch.nn as nn
+
+from .config import PruneConfig
+
+PAPER = "paper"      # AMP scores, uniform allocation: arXiv 2504.21174's recipe
+ENGINE = "engine"    # the resolved auto allocation (kl) with the configured criterion
+
+
+def applies(config: PruneConfig) -> bool:
+    """Whether the prune chooses between candidates: --allocation auto that resolved to kl (a criterion that reads
+    calibration data); an explicit allocation is taken as given."""
+    return config.auto_allocation and config.allocation == "kl"
+
+
+def paper_config(config: PruneConfig) -> PruneConfig:
+    """The paper's recipe with everything else of `config` (calibration, compensation, statistics, widths)."""
+    return replace(config, criterion="amp", allocation="uniform", heads="auto")
+
+
+def label(config: PruneConfig) -> str:
+    return f"{config.criterion} + {config.allocation} allocation" + (" (heads: query)" if config.heads == "query"
+                                                                    and config.allocation != "uniform" else "")
+
+
+def choose(run_one, config: PruneConfig) -> tuple[str, dict, dict]:
+    """Runs `run_one(name, candidate config, dense_final)` -> prune_layers' result for the engine's candidate and
+    then the paper's, and returns (the kept name, its result, the selection entry for the report). A tie keeps the
+    engine's (fewer choices made by hand)."""
+    results, seconds = {}, {}
+    dense_final = None
+    for name, candidate in ((ENGINE, config), (PAPER, paper_config(config))):
+        start = time.perf_counter()
+        results[name] = run_one(name, candidate, dense_final)
+        seconds[name] = time.perf_counter() - start
+        dense_final = results[name]["dense_final"]
+    kl = {name: r["allocation"]["heldout_kl"]["measured"] for name, r in results.items()}
+    kept = PAPER if kl[PAPER] < kl[ENGINE] else ENGINE
+    other = PAPER if kept == ENGINE else ENGINE
+    held = results[kept]["allocation"]["heldout_kl"]
+    entry = {
+        "kept": kept,
+        "why": (f"its KL from the dense model on the {held['samples']} held-back calibration windows "
+                f"({held['tokens']} tokens) is {kl[kept]:.4g} nats per token, against {kl[other]:.4g} for the "
+                f"{'paper' if other == PAPER else 'engine'}'s recipe"),
+        "candidates": {name: {"recipe": label(config if name == ENGINE else paper_config(config)),
+                              "heldout_kl": kl[name], "seconds": round(seconds[name], 1)}
+                       for name in (ENGINE, PAPER)},
+    }
+    return kept, results[kept], entry
+
+
+class CopySource:
+    """A model held in memory, read without being touched: every load is a fresh copy of the dense layer (the
+    first candidate's prune must leave the model for the second)."""
+    streamed = False
+
+    def __init__(self, source):
+        self.inner = source
+        self.model, self.layers = source.model, source.layers
+        self.host, self.storage_dtype = source.host, source.storage_dtype
+        self.bytes_read, self.size_bytes = 0, None
+
+    def load_layer(self, index: int, device, dtype) -> nn.Module:
+        return copy.deepcopy(self.layers[index]).to(device=device, dtype=dtype)
+
+    def release_layer(self, index: int) -> None:
+        pass
+
+    def embeddings(self, device, head: bool = False):
+        return self.inner.embeddings(device, head)
+
+
+class LayersSink:
+    """Keeps a candidate's pruned layers (on the host, in the stored dtype) until the choice is made."""
+
+    def __init__(self, model, storage_dtype):
+        self.model, self.storage_dtype = model, storage_dtype
+        self.layers: dict[int, nn.Module] = {}
+        self.bytes_written = 0
+        self.target = None
+
+    def begin(self, target_config) -> None:
+        pass
+
+    def put(self, index: int, layer: nn.Module) -> None:
+        self.layers[index] = layer.to(device="cpu", dtype=self.storage_dtype)
+
+    def finish(self, target_config) -> int:
+        self.target = target_config
+        inside = sum(p.numel() for layer in self.layers.values() for p in layer.parameters())
+        outside = sum(p.numel() for p in self.model.parameters()) - \
+            sum(p.numel() for layer in self.model.model.layers for p in layer.parameters())
+        return inside + outside
+
+    def adopt(self, model_sink) -> None:
+        """The kept candidate's layers into the model, and its sizes into the model's config."""
+        for index, layer in self.layers.items():
+            self.model.model.layers[index] = layer
+        model_sink.finish(self.target)

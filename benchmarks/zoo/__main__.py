@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.zoo import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""One recipe on one zoo model at one ratio, in this (fresh) process: the prune timed alone, then its KL from the
+dense model on the engine's held-back calibration windows, WikiText-2 perplexity and, optionally, zero-shot rows.
+Run by benchmarks.zoo.table (one process per row, so that no run inherits another's memory or caches):
+
+    python -m benchmarks.zoo.one JOB.json   (prints `RESULT {...}`)
+
+JOB: model (a zoo name), ratio, recipe (default | paper | optipfair | dense), tasks, limit, ppl (list of
+[seqlen, windows]). Calibration as the engine's default run: 64 C4 windows of 512 tokens, seed 0, 8 more held back
+(drawn after them, so that the 64 are the same for every recipe)."""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RECIPES = {
+    "default": {},                                              # --allocation auto: measured choice
+    "paper": {"criterion": "amp", "allocation": "uniform"},     # arXiv 2504.21174's recipe, in the engine
+    "engine-kl": {"allocation": "kl"},                          # the engine's own candidate, without the choice
+}
+
+
+@torch.no_grad()
+def held_kl(dense_logp: list[torch.Tensor], model, held: list[torch.Tensor]) -> float:
+    """Mean over held-back tokens of KL(dense || model), one window at a time."""
+    total = tokens = 0
+    for window, dense in zip(held, dense_logp):
+        logp = torch.log_softmax(model(window[None]).logits.float(), -1)
+        total += float((dense.exp() * (dense - logp)).sum(-1).sum())
+        tokens += window.numel()
+    return total / tokens
+
+
+def run(job: dict) -> dict:
+    import amp
+    from amp.io.calibration import default_data_dir
+    from amp.io.models import resolve_model
+    from amp.prune.allocate import total_params
+    from amp.quality.evaluate import evaluate_model
+    from amp.quality.perplexity import corpus_text
+    from benchmarks import zoo
+    gguf = str(zoo.path(job["model"]))
+    data_dir = default_data_dir()
+    model, tokenizer, folder = amp.load_model(gguf)
+    total = total_params(model)
+    calib = amp.load_calibration(tokenizer, "c4", 64, 512, 0, data_dir, holdout=8)
+    with torch.no_grad():
+        dense_logp = [torch.log_softmax(model(w[None]).logits.float(), -1) for w in calib.held_out]
+    out = {"model": job["model"], "ratio": job["ratio"], "recipe": job["recipe"]}
+    recipe = job["recipe"]
+    if recipe in RECIPES:
+        start = time.perf_counter()
+        report = amp.prune_(model, amp.PruneConfig(ratio=job["ratio"], seed=0, **RECIPES[recipe]), calib,
+                            progress=False)
+        out["prune_seconds"] = round(time.perf_counter() - start, 1)
+        out["kept"] = report.get("selection", {}).get("kept", "")
+        out["selection"] = report.get("selection")
+        shapes = [(len(l["kept_heads"]), len(l.get("kept_neurons", []))) for l in report["layers"]]
+        out["kept_shapes"] = shapes
+    elif recipe == "optipfair":
+        from benchmarks.peers import load_peer_model, run_peer
+        removed = round(job["ratio"] * total)
+        c = model.config
+        work = Path(tempfile.mkdtemp(prefix="amp-zoo-peer-"))
+        peer_job = {"model": str(resolve_model(gguf)), "out": str(work / "out"), "params": total - removed,
+                    "calibration": [s.tolist() for s in calib.samples],
+                    "intermediate_size": c.intermediate_size - round(removed / (c.num_hidden_layers * 3 *
+                                                                                c.hidden_size))}
+        start = time.perf_counter()
+        ran = run_peer("optipfair", peer_job)
+        out["prune_seconds"] = round(time.perf_counter() - start, 1)
+        out["peer_seconds"] = round(ran["seconds"], 1)
+        model = load_peer_model(work / "out")
+    elif recipe != "dense":
+        raise SystemExit(f"error: unknown recipe {recipe!r}")
+    out["params"] = total_params(model)
+    out["ratio_achieved"] = round((total - out["params"]) / total, 5)
+    if recipe != "dense":
+        out["heldout_kl"] = round(held_kl(dense_logp, model, calib.held_out), 5)
+    texts = {"wikitext2": corpus_text("wikitext2", data_dir)}
+    out["perplexity"] = {}
+    for seqlen, windows in job["ppl"]:
+        r = evaluate_model(model, tokenizer, recipe, [], texts, seqlen, data_dir, None, 8, "cpu", windows, False)
+        out["perplexity"][f"{windows}x{seqlen}"] = round(r["perplexity"][f"wikitext2@{seqlen}"], 3)
+    if job.get("tasks"):
+        start = time.perf_counter()
+        r = evaluate_model(model, tokenizer, recipe, job["tasks"], {}, 1024, data_dir, job["limit"], 8, "cpu", None,
+                           False)
+        out["tasks"], out["metric"] = r["tasks"], r["metric"]
+        out["zero_shot_seconds"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+if __name__ == "__main__":
+    result = run(json.loads(Path(sys.argv[1]).read_text()))
+    print("RESULT " + json.dumps(result))
