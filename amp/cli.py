@@ -16,7 +16,7 @@ from .io.folders import write_json_atomic
 from .io.info import describe
 from .io.models import silenced_progress
 from .prune.config import (ALLOCATIONS, COMPENSATIONS, CRITERIA, DEVICES, DTYPES, HEADS, MOE, OFFLOADS, RATIO_OF,
-                           PruneConfig)
+                           REFIT_TARGETS, PruneConfig)
 from .quality.evaluate import evaluate
 from .quality.generation import generate_text
 from .quality.table import markdown
@@ -109,6 +109,9 @@ def _prune_parser(sub):
                         "flap, else the measured default)")
     p.add_argument("--damp", type=float, default=0.01,
                    help="refit damping, relative to the mean diagonal of the input Gram matrix")
+    p.add_argument("--refit-target", default="pruned", choices=REFIT_TARGETS,
+                   help="what a refit under sequential statistics fits: pruned (default: the layer's dense output "
+                        "on the pruned model's input) or dense (the dense model's own output, GPTAQ-style)")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate each layer on the outputs of the already-pruned layers before it (default: on "
                         "when calibration data is used); --no-sequential: on the dense model's outputs, as the "
@@ -348,6 +351,7 @@ def cmd_prune(args) -> int:
                          offload=args.offload, stream=not args.no_stream, max_shard_size=args.max_shard_size,
                          allocation=args.allocation, heads=args.heads, min_keep=args.min_keep,
                          depth_range=_pair(args.depth_range), compensate=args.compensate, damp=args.damp,
+                         refit_target=args.refit_target,
                          sequential=args.sequential, moe=args.moe,
                          multiple_of=args.multiple_of, mlp_multiple_of=args.mlp_multiple_of,
                          ratio_of=args.ratio_of, holdout=args.holdout)

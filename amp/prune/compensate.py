@@ -76,10 +76,11 @@ class Gram:
         Gram of bf16 activations (exact products, each block rounded once; twice the speed on a CPU).
         `weights`: one per row (token), so that the Gram is sum w x x^T, its total sum w x and its count sum w
         (a post-norm family's tokens, weighted by how much their error reaches the residual stream)."""
-        if weights is not None:
-            weights = weights.to(torch.float32)
-            rows = rows.float() * weights.sqrt()[:, None]
-            total = (rows * weights.sqrt()[:, None]).sum(dim=0, dtype=torch.float64)
+        if weights is not None:  # in the Gram's precision (fp64 where a refit solves with it)
+            dtype = torch.float64 if self._matrix.dtype == torch.float64 else torch.float32
+            root = weights.to(dtype).sqrt()[:, None]
+            rows = rows.to(dtype) * root
+            total = (rows * root).sum(dim=0, dtype=torch.float64)
         elif not (self._matrix.dtype == torch.float32 and rows.dtype == torch.bfloat16):
             rows = rows.float()
         for left, right in upper_blocks(self._matrix.shape[0]):
@@ -104,6 +105,26 @@ class Gram:
         return g
 
 
+class DenseTarget:
+    """What a dense-target refit fits (GPTAQ-style): the dense model's own output of a projection, W u_t, with u_t
+    its input when the DENSE model runs (the pruned one feeds x_t to the pruned layer): the cross sum
+    C = sum w u x^T (fp64, rows: u's channels), and sum w ||W u||^2, the error of writing nothing. `weights` as
+    Gram.add's (post-norm families), taken from the dense output, and the pruned input's Gram then weighted alike."""
+
+    def __init__(self, width: int, device):
+        self.cross = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.reference = 0.0
+
+    def add(self, weight: torch.Tensor, dense_rows: torch.Tensor, rows: torch.Tensor,
+            weights: torch.Tensor | None) -> None:
+        u = dense_rows.double()
+        if weights is not None:
+            u = u * weights.double()[:, None]
+        self.cross.addmm_(u.T, rows.double())
+        y = dense_rows.double() @ weight.detach().double().T
+        self.reference += float(((y.square().sum(-1)) * (weights.double() if weights is not None else 1.0)).sum())
+
+
 def _gram_rows(gram: Gram, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` of the Gram of [x; 1] ((len(rows), width + 1); index `width` is the constant channel), without
     forming the whole augmented matrix."""
@@ -116,7 +137,8 @@ def _gram_rows(gram: Gram, rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def refit(linear: nn.Linear, gram: Gram, kept: torch.Tensor, damp: float, with_bias: bool) -> dict:
+def refit(linear: nn.Linear, gram: Gram, kept: torch.Tensor, damp: float, with_bias: bool,
+          target: DenseTarget | None = None) -> dict:
     """Refits the kept input columns of `linear` (and, `with_bias`, shifts its bias) to reproduce its full
     output over the calibration tokens; returns the relative reconstruction errors without and with the refit.
     Leaves the weight's full width (the caller slices the kept columns away afterwards): removed columns are
@@ -125,7 +147,10 @@ def refit(linear: nn.Linear, gram: Gram, kept: torch.Tensor, damp: float, with_b
     Memory: the Gram is read a block of rows at a time; besides it, the refit holds its kept block (the matrix
     it factorizes, in place) and out x kept products, never a second matrix of the Gram's size. The errors come
     from the normal equations instead of a full quadratic form each: with F the fitted columns, R = W G[:, K]
-    and L the damping, tr(F G_KK F^T) = <F, R + (W_K - F) L>."""
+    and L the damping, tr(F G_KK F^T) = <F, R + (W_K - F) L>.
+
+    `target` (a DenseTarget; no bias): fit the dense model's output instead of this layer's dense output on the
+    pruned model's input: R = W C[:, K] with C the cross sum, the reference its sum w ||W u||^2."""
     if damp <= 0:
         raise AmpError(f"--damp must be positive, got {damp}")
     weight = linear.weight.detach()
@@ -142,20 +167,30 @@ def refit(linear: nn.Linear, gram: Gram, kept: torch.Tensor, damp: float, with_b
     prior = torch.zeros(w.shape[0], len(cols), dtype=torch.float64, device=dev)
     prior[:, :len(kept)] = w[:, kept]                                    # W[:, K] (and no bias shift)
     rhs, reference = torch.zeros_like(prior), 0.0                        # R = W G[:, K]; tr(W G W^T)
-    for rows in torch.arange(width, device=dev).split(BLOCK):
+    if target is not None:
+        if with_bias:
+            raise AmpError("a dense-target refit has no affine (bias) form")
+        rhs = w @ target.cross.to(dev).index_select(1, kept)              # R = W C[:, K]
+        reference = target.reference
+    for rows in torch.arange(width, device=dev).split(BLOCK) if target is None else ():
         g_rows = _gram_rows(gram, rows)
         wg = w[:, rows] @ g_rows[:, :width]                              # (out, width): this block's share of W G
         reference += float((wg * w).sum())
         rhs += wg.index_select(1, kept) if not with_bias else \
             torch.cat([wg.index_select(1, kept), w[:, rows] @ g_rows[:, width:]], dim=1)
         del wg, g_rows
-    before = 0.0                                                         # tr(W_C G_CC W_C^T): the columns just go
-    for rows in removed.split(BLOCK):
-        before += float(((w[:, rows] @ _gram_rows(gram, rows).index_select(1, removed)) * w[:, removed]).sum())
-    def kept_block() -> torch.Tensor:                                  # G[K, K] + L, a block of rows at a time
+    def kept_block(damped: bool = True) -> torch.Tensor:               # G[K, K] + L, a block of rows at a time
         block = torch.cat([_gram_rows(gram, rows).index_select(1, cols) for rows in cols.split(BLOCK)])
-        torch.diagonal(block).add_(diag)
+        if damped:
+            torch.diagonal(block).add_(diag)
         return block
+    if target is None:
+        before = 0.0                                                     # tr(W_C G_CC W_C^T): the columns just go
+        for rows in removed.split(BLOCK):
+            before += float(((w[:, rows] @ _gram_rows(gram, rows).index_select(1, removed)) * w[:, removed]).sum())
+    else:  # sum w ||W u - W_K x_K||^2 = reference - 2 <W_K, R> + tr(W_K G_KK W_K^T)
+        w_k = w[:, kept]
+        before = reference - 2 * float((w_k * rhs).sum()) + float(((w_k @ kept_block(False)) * w_k).sum())
     g_kk = kept_block()
     info = torch.empty((), dtype=torch.int32, device=dev)
     torch.linalg.cholesky_ex(g_kk, out=(g_kk, info))                     # the factor overwrites its matrix

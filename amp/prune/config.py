@@ -21,6 +21,7 @@ MOE = ("auto", "experts", "neurons")  # mixture-of-experts granularity, as --hea
 # Criteria that need no calibration data.
 DATA_FREE = ("magnitude", "random")
 COMPENSATIONS = ("auto", "none", "bias", "refit", "bias+refit")
+REFIT_TARGETS = ("pruned", "dense")
 # What --compensate auto means for every criterion but flap (whose own method is the bias), decided by
 # measurement (benchmarks/results/quality_recovery.md): a refit wherever the calibration set has enough tokens
 # per input channel for one (compensate.MIN_TOKENS_PER_CHANNEL), else nothing.
@@ -52,6 +53,8 @@ class PruneConfig:
     depth_range: tuple = (0.5, 1.5)  # depth allocation: the first and last layer's share, times the uniform share
     compensate: str = "auto"         # none | bias | refit | bias+refit (auto: bias for flap, else the measured best)
     damp: float = 0.01               # refit damping, relative to the mean diagonal of the Gram matrix
+    refit_target: str = "pruned"     # what a sequential refit fits: pruned (the layer's dense output on the pruned
+                                     # model's input) | dense (the dense model's own output, GPTAQ-style)
     sequential: bool | None = None   # calibrate each layer on the outputs of the already-pruned layers
                                      # (default: yes wherever calibration data is used; measured)
     moe: str = "auto"                # MoE layers: auto (the budget decides) | experts (whole) | neurons (per expert)
@@ -73,6 +76,8 @@ class PruneConfig:
             raise AmpError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.compensate not in COMPENSATIONS:
             raise AmpError(f"unknown --compensate {self.compensate!r}; choose one of {', '.join(COMPENSATIONS)}")
+        if self.refit_target not in REFIT_TARGETS:
+            raise AmpError(f"unknown --refit-target {self.refit_target!r}; choose one of {', '.join(REFIT_TARGETS)}")
         if not (isinstance(self.damp, (int, float)) and self.damp > 0 and self.damp == self.damp):
             raise AmpError(f"--damp must be a positive number, got {self.damp}")
         if self.compensate == "auto" and self.criterion == "flap":

@@ -83,6 +83,7 @@ class PruneRun:
         self.held = None    # fisher.HeldOut: the held-back windows, moved on through every pruned layer
         self.passes = PhaseTimer(config.device)  # time and peak memory per pass (the report's memory.passes)
         self.kept_state: dict = {}  # what the two-pass prune keeps of every layer until the solve (bytes)
+        self.dense_store = None     # a dense-target refit: the dense model's layer inputs (start_dense_target)
 
     def layer_args(self, index: int):
         """batch -> (args, kwargs) that layer `index` receives (its own mask and rotary tables), on the device."""
@@ -146,6 +147,20 @@ class PruneRun:
                            within_kv=within if query and g.is_gqa else None, keep_gram=keep_gram,
                            staging=self.staging)
 
+    def start_dense_target(self) -> None:
+        """A dense-target refit (--refit-target dense with sequential statistics and a refit): a second store
+        holds the DENSE model's inputs of each layer, copied from the freshly captured embeddings; observe moves
+        it on through each dense layer beside the pruned one."""
+        if self.dense_store is not None:
+            self.dense_store.close()
+        self.dense_store = None
+        if not (self.config.refit_target == "dense" and self.config.sequential and self.refit and not self.bias):
+            return
+        shapes = [tuple(self.store.get(b).shape) for b in range(len(self.store))]
+        self.dense_store = ActivationStore(shapes, self.dtype, self.offload["where"], self.device, self.staging)
+        for b in range(len(self.store)):
+            self.dense_store.put(b, self.store.get(b))
+
     def observe(self, index: int, layer, sensitivity=None, gram: bool = False, dense: bool = True,
                 paths: bool = False, cut: Cut | None = None, within=None) -> Observation:
         """Scores (and what compensation needs) of resident layer `index`. `dense`: the store moves on to the
@@ -166,7 +181,8 @@ class PruneRun:
                                  self.token_mask, sensitivity, gram=gram, propagate=dense,
                                  means=self.bias and not self.refit,  # bias+refit: the Gram's affine fit
                                  moe=self.moe_layers[index],
-                                 paths=self.path_request(index, cut, within, keep_gram=gram) if paths else None)
+                                 paths=self.path_request(index, cut, within, keep_gram=gram) if paths else None,
+                                 dense_store=self.dense_store if gram and not self.moe_layers[index] else None)
 
     def decide_refit(self, tokens: int) -> str | None:
         """--compensate auto: a refit when every refit projection gets enough calibration tokens per input
@@ -206,11 +222,15 @@ class PruneRun:
             errors = {}
             parts = [("o", o_proj, obs.o_gram, q_cols)] + ([] if obs.is_moe else [("down", down, obs.down_gram,
                                                                                     kept_neurons)])
+            targets = {"o": obs.o_target, "down": obs.down_target}
             for key, linear, gram, kept in parts:
-                # a projection that loses nothing is left as it is (a refit would only fit the damping)
-                errors[key] = compensate.refit(linear, gram, kept, self.config.damp, self.bias) \
-                    if len(kept) < linear.in_features else {"error_before": 0.0, "error_after": 0.0}
-            obs.o_gram = obs.down_gram = None  # a Gram matrix is the size of a projection: let it go
+                # a projection that loses nothing is left as it is (a refit would only fit the damping), unless
+                # it is fitted to the dense model's output (which it does not write yet)
+                if len(kept) < linear.in_features or targets[key] is not None:
+                    errors[key] = compensate.refit(linear, gram, kept, self.config.damp, self.bias, targets[key])
+                else:
+                    errors[key] = {"error_before": 0.0, "error_after": 0.0}
+            obs.o_gram = obs.down_gram = obs.o_target = obs.down_target = None  # projection-sized: let go
             self.compensation_errors.append(errors)
             return {k: {m: round(v, 6) for m, v in e.items()} for k, e in errors.items()}
         if self.bias:

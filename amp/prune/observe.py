@@ -42,6 +42,8 @@ class Observation:
     expert_tokens: torch.Tensor | None = None          # (E,)
     moe_error: dict[int, float] = field(default_factory=dict)  # position on the removal path -> relative change
     expert_paths: object = None          # experts.ExpertPaths: measured costs of the MoE removal path (obs / kl)
+    o_target: object = None              # compensate.DenseTarget of a dense-target refit (with the Grams)
+    down_target: object = None
 
     @property
     def is_moe(self) -> bool:
@@ -136,7 +138,8 @@ def _measure_moe(layer, spec: ArchSpec, geom: Geometry, batches, reference, obs:
 @torch.no_grad()
 def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_args, masks, hidden_act,
                   generator, token_mask: TokenMask, sensitivity: dict | None = None, gram: bool = False,
-                  propagate: bool = True, means: bool = False, moe: bool = False, paths=None) -> Observation:
+                  propagate: bool = True, means: bool = False, moe: bool = False, paths=None,
+                  dense_store=None) -> Observation:
     """Statistics and scores of one resident layer; with `propagate` the store's batches become the layer's
     (dense) outputs (a sequential prune propagates the pruned layer's outputs itself, after the cut).
     `sensitivity`: {"unit", "attention_max", "mlp_max"} to measure output-change curves as well;
@@ -144,7 +147,9 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_ar
     `layer_args(b)`: batch b's (args, kwargs) for this layer, on the device; `moe`: its MLP is a mixture of
     experts (sensitivity then carries "moe": {"mode", "min_keep", "config"} for its removal path);
     `paths` (obs.PathRequest): structured OBS chooses the structures (criterion obs) and/or the blocks' error
-    curves are computed from the Gram matrices (the KL allocation); they are dropped after unless `gram`."""
+    curves are computed from the Gram matrices (the KL allocation); they are dropped after unless `gram`.
+    `dense_store`: the DENSE model's inputs of this layer (a dense-target refit, compensate.DenseTarget): each
+    batch runs on them first, and the store moves on to the dense outputs."""
     kept_inputs = []
     stats = None
     if config.needs_calibration:
@@ -156,11 +161,16 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_ar
         with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments, gram or paths is not None, moe,
                               expert_grams=paths is not None and moe,
                               gram_dtype=torch.float64 if refit else torch.float32,
-                              scores=config.criterion != "obs") as stats:
+                              scores=config.criterion != "obs", dense_target=dense_store is not None) as stats:
             for b in range(len(store)):
                 token_mask.set(masks[b])
                 x = store.get(b)
                 args, kwargs = layer_args(b)
+                if dense_store is not None:  # its projections' inputs wait for the pruned twin (statistics.py)
+                    stats.recording = True
+                    out = layer(dense_store.get(b), *args, **kwargs)
+                    dense_store.put(b, out[0] if isinstance(out, tuple) else out)
+                    stats.recording = False
                 if sensitivity is not None and tokens < SENSITIVITY_TOKENS:
                     kept_inputs.append((x.clone(), args, kwargs, masks[b]))
                     tokens += x.shape[0] * x.shape[1] if masks[b] is None else int(masks[b].sum())
@@ -189,6 +199,7 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_ar
         obs.o_mean, obs.down_mean = stats.o_moments.mean.cpu(), stats.down_moments.mean.cpu()
     if stats is not None and stats.o_gram is not None and gram:
         obs.o_gram, obs.down_gram = stats.o_gram, stats.down_gram
+        obs.o_target, obs.down_target = stats.o_target, stats.down_target
     if sensitivity is not None and kept_inputs:
         measure_sensitivity(layer, spec, geom, kept_inputs, obs, sensitivity["unit"], sensitivity["attention_max"],
                             sensitivity["mlp_max"], sensitivity.get("moe"))

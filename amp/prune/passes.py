@@ -82,6 +82,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             with run.passes.phase("cut"):
                 if run.held is not None:
                     run.held.capture()
+                run.start_dense_target()
                 for index, layer in run.layers(f"pruning ({config.criterion})"):
                     cut = Cut(the_plan.attn_units_removed, the_plan.neurons_removed)
                     obs = run.observe(index, layer, gram=run.refit, dense=not config.sequential,
@@ -95,6 +96,8 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
     finally:
         if run.store is not None:
             run.store.close()
+        if run.dense_store is not None:
+            run.dense_store.close()
         if run.held is not None:
             run.held.close()
     with run.timer.phase("write"):
@@ -108,6 +111,10 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
         comp["experts"] = "not compensated: each expert sees a fraction of the calibration tokens (see the report's " \
                           "expert_tokens), far fewer per channel than a refit needs"
     comp["sequential"] = config.sequential
+    if "refit" in mode:
+        comp["target"] = "dense model's output" if run.dense_store is not None or (
+            config.refit_target == "dense" and config.sequential and not run.bias) else \
+            "this layer's dense output on the pruned model's input"
     if "warning" in comp:
         notes.append(comp["warning"])
     return {"plan": the_plan, "layers": kept, "notes": notes, "calibration_tokens": n_tokens, "compensation": comp,
@@ -166,6 +173,7 @@ def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
     with run.passes.phase("cut"):
         if again:
             run.capture(run.calibration, run.pad_id, run.staging)
+            run.start_dense_target()
         if run.held is not None:
             run.held.capture()
         kept = [_cut_one(run, index, layer, observations, removed, kept_kv, again, sink)

@@ -19,7 +19,7 @@ import amp_kernels
 from ..arch import ArchSpec, Geometry
 from ..runtime.fused import fused_activation, mlp_inputs
 from . import experts as moe_structures
-from .compensate import Gram
+from .compensate import DenseTarget, Gram
 
 
 @dataclass
@@ -70,6 +70,12 @@ class LayerStats:
     # output channel, which weighs the rows of the Gram-based errors (the Grams' tokens are weighted already)
     o_rows: torch.Tensor | None = None
     down_rows: torch.Tensor | None = None
+    # a dense-target refit (compensate.DenseTarget): while `recording`, the layer runs on the DENSE model's batch
+    # and its projections' inputs wait in `pending` for the pruned model's batch that follows
+    o_target: "DenseTarget | None" = None
+    down_target: "DenseTarget | None" = None
+    recording: bool = False
+    pending: dict | None = None
 
 
 @dataclass
@@ -119,7 +125,8 @@ def _fused_mlp_forward(mlp_in, down, kernel, stats: "LayerStats", token_mask: To
     Padding rows get zeros: with right padding and a causal mask they never reach a valid token."""
     def forward(x):
         rows = token_mask.select(x)
-        a = kernel(*mlp_in(rows), neuron_stats=stats.neuron_abs if stats is not None else None)
+        counting = stats is not None and not stats.recording
+        a = kernel(*mlp_in(rows), neuron_stats=stats.neuron_abs if counting else None)
         y = down(a)
         if token_mask.flat is None:
             return y.view(*x.shape[:-1], y.shape[-1])
@@ -132,11 +139,14 @@ def _fused_mlp_forward(mlp_in, down, kernel, stats: "LayerStats", token_mask: To
 @contextmanager
 def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, token_mask: TokenMask,
                      hidden_act: str | None = None, moments: bool = False, gram: bool = False, moe: bool = False,
-                     expert_grams: bool = False, gram_dtype: torch.dtype = torch.float64, scores: bool = True):
+                     expert_grams: bool = False, gram_dtype: torch.dtype = torch.float64, scores: bool = True,
+                     dense_target: bool = False):
     """`moe`: the layer's MLP is a mixture of experts (its statistics come from experts.expert_statistics; the
     moments and Gram matrices then cover the output projection only; `expert_grams`: each expert's Gram too;
     `gram_dtype`: fp64 for a refit, fp32 where the Grams only rank structures; `scores`: AMP's head and neuron
-    statistics too (not when structured OBS chooses from the Grams))."""
+    statistics too (not when structured OBS chooses from the Grams)); `dense_target`: the cross sums of a
+    dense-target refit as well (the caller runs each dense batch with `stats.recording` set before its pruned
+    twin)."""
     device = next(layer.parameters()).device
     width = 0 if moe else geom.intermediate
     stats = LayerStats(torch.zeros(geom.num_heads, dtype=torch.float32, device=device),
@@ -148,6 +158,10 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
     if gram:
         stats.o_gram = Gram.zeros(geom.num_heads * geom.head_dim, device, gram_dtype)
         stats.down_gram = None if moe else Gram.zeros(width, device, gram_dtype)
+    if gram and dense_target:
+        stats.pending = {}
+        stats.o_target = DenseTarget(geom.num_heads * geom.head_dim, device)
+        stats.down_target = None if moe else DenseTarget(width, device)
 
     kernel = fused_activation(spec.gated, hidden_act)  # any other activation falls back to a down-proj hook
     fused = kernel is not None and not moe
@@ -160,26 +174,47 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
             down_post = PostNormWeights(spec.get(layer, spec.down), mlp_norm)
             stats.down_rows = down_post.gain_sq
 
+    def add_gram(key, gram_, target, post, projection, rows):
+        """The Gram of the projection's input (and a dense target's cross sums, against its pending twin)."""
+        if target is None:
+            gram_.add(rows, post.token_weights(rows) if post is not None else None)
+            return
+        dense_rows, weights = stats.pending.pop(key)
+        gram_.add(rows, weights)
+        target.add(projection.weight, dense_rows, rows, weights)
+
+    def record(key, post, rows) -> bool:
+        """While the dense batch runs: its rows (and post-norm weights, from the dense output) wait."""
+        if not stats.recording:
+            return False
+        stats.pending[key] = (rows.clone(), post.token_weights(rows) if post is not None else None)
+        return True
+
     def on_o_input(_module, args):
         x = token_mask.select(args[0])
+        if record("o", o_post, x):
+            return
         stats.tokens += x.shape[0]
         if scores:
             amp_kernels.head_norms(x, o_proj.weight, geom.num_heads, p=1, out=stats.head_l1)
         if moments:
             stats.o_moments.add(x)
         if gram:
-            stats.o_gram.add(x, o_post.token_weights(x) if o_post is not None else None)
+            add_gram("o", stats.o_gram, stats.o_target, o_post, o_proj, x)
 
     def on_down_input(_module, args):
         # The fused MLP forward already feeds the down projection valid rows only (and counted |a| itself).
         rows = args[0].reshape(-1, args[0].shape[-1]) if fused else token_mask.select(args[0])
+        if record("down", down_post, rows):
+            return
         if not fused and scores:
             stats.neuron_abs += rows.float().abs().sum(dim=0)
         if moments:
             stats.down_moments.add(rows)
         if gram:
-            stats.down_gram.add(rows, down_post.token_weights(rows) if down_post is not None else None)
+            add_gram("down", stats.down_gram, stats.down_target, down_post, down_module, rows)
 
+    down_module = None if moe else spec.get(layer, spec.down)
     handles = [o_proj.register_forward_pre_hook(on_o_input)]
     if moe:
         with moe_structures.expert_statistics(layer, spec.moe, geom, token_mask, expert_grams) as stats.experts:
@@ -189,12 +224,12 @@ def statistics_hooks(layer: torch.nn.Module, spec: ArchSpec, geom: Geometry, tok
                 for h in handles:
                     h.remove()
         return
-    down, mlp = spec.get(layer, spec.down), spec.get(layer, spec.mlp)
+    mlp = spec.get(layer, spec.mlp)
     if moments or gram or not fused:
-        handles.append(down.register_forward_pre_hook(on_down_input))
+        handles.append(down_module.register_forward_pre_hook(on_down_input))
     try:
         if fused:
-            mlp.forward = _fused_mlp_forward(mlp_inputs(layer, spec), down, kernel, stats if scores else None,
+            mlp.forward = _fused_mlp_forward(mlp_inputs(layer, spec), down_module, kernel, stats if scores else None,
                                              token_mask)
         yield stats
     finally:
