@@ -76,8 +76,8 @@ class Gram:
         Gram of bf16 activations (exact products, each block rounded once; twice the speed on a CPU).
         `weights`: one per row (token), so that the Gram is sum w x x^T, its total sum w x and its count sum w
         (a post-norm family's tokens, weighted by how much their error reaches the residual stream)."""
-        if weights is not None:  # in the Gram's precision (fp64 where a refit solves with it)
-            dtype = torch.float64 if self._matrix.dtype == torch.float64 else torch.float32
+        if weights is not None:  # products in fp32 as below (fp64 inputs, the tests', stay fp64)
+            dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
             root = weights.to(dtype).sqrt()[:, None]
             rows = rows.to(dtype) * root
             total = (rows * root).sum(dim=0, dtype=torch.float64)

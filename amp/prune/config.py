@@ -62,8 +62,10 @@ class PruneConfig:
     mlp_multiple_of: int | str = "auto"  # MLP and expert widths also multiples of this (llama.cpp quantizes rows in
                                      # blocks of 32, K-quants of 256); auto: the coarsest of allocate.QUANT_BLOCKS
                                      # whose budget lands; 1: as chosen
-    auto_allocation: bool = field(default=False, init=False, repr=False, compare=False)  # allocation was auto
-    auto_heads: bool = field(default=False, init=False, repr=False, compare=False)       # heads was auto
+    # allocation / heads were auto (resolved below): init fields, so that dataclasses.replace carries them (a
+    # replaced default config still makes the measured choice of prune/candidates.py)
+    auto_allocation: bool = field(default=False, repr=False, compare=False)
+    auto_heads: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self):
         if (self.ratio is None) == (self.iteration is None):

@@ -21,6 +21,7 @@ RECIPES = {
     "default": {},                                              # --allocation auto: measured choice
     "paper": {"criterion": "amp", "allocation": "uniform"},     # arXiv 2504.21174's recipe, in the engine
     "engine-kl": {"allocation": "kl"},                          # the engine's own candidate, without the choice
+    "dense-target": {"refit_target": "dense"},                  # the default with --refit-target dense
 }
 
 
@@ -61,6 +62,8 @@ def run(job: dict) -> dict:
         out["selection"] = report.get("selection")
         shapes = [(len(l["kept_heads"]), len(l.get("kept_neurons", []))) for l in report["layers"]]
         out["kept_shapes"] = shapes
+        out["phases"] = {k: v["seconds"] for k, v in report["phases"].items()}
+        out["passes"] = {k: v.get("seconds") for k, v in report["memory"].get("passes", {}).items()}
     elif recipe == "optipfair":
         from benchmarks.peers import load_peer_model, run_peer
         removed = round(job["ratio"] * total)
