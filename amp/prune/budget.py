@@ -114,11 +114,18 @@ def solve(blocks: list[Block], budget: int) -> int:
         if nxt:
             heapq.heappush(heap, (nxt[0], i))
     freed = sum(b.params[b.removed] for b in blocks)  # a coarsened block may start with forced removals
-    while freed < budget and heap:
-        _, i = heapq.heappop(heap)
+    deferred = []  # attention steps that would overshoot what is left: taken only if nothing else can free it
+    while freed < budget and (heap or deferred):
+        forced = not heap
+        cost, i = heapq.heappop(heap if heap else deferred)
         b = blocks[i]
         _, size = b.next_step()
         before = b.params[b.removed]
+        if not forced and b.kind == "attention" and b.params[b.removed + size] - before > budget - freed and \
+                any(blocks[j].kind != "attention" for _, j in heap):
+            # a whole head or group past the budget, where neurons could land it: the neurons go first
+            heapq.heappush(deferred, (cost, i))
+            continue
         if b.kind != "attention" and b.params[b.removed + size] - before > budget - freed:
             # land exactly: the fewest moves of this step that free what is left
             need = before + budget - freed
@@ -128,6 +135,9 @@ def solve(blocks: list[Block], budget: int) -> int:
         nxt = b.next_step()
         if nxt:
             heapq.heappush(heap, (nxt[0], i))
+        if forced:  # the other deferred attention steps may fit what is left now
+            while deferred:
+                heapq.heappush(heap, heapq.heappop(deferred))
     # An attention step can overshoot by up to a KV group: give MLP neurons back while the budget stays met. Coarse
     # moves (a whole expert, 8 neurons of every expert, --multiple-of steps): give one back while that brings the
     # total closer to the budget, even if just under it.
