@@ -1,5 +1,6 @@
 """The KL allocation's yardstick: how far the model's next-token distribution moves per unit of error at each
-output projection, measured on held-back calibration windows, and the divergence the pruned model reaches there.
+output projection, measured on calibration windows, and the divergence the pruned model reaches on held-back
+windows that no step of the prune has seen.
 
 Second order: a small change d of what a projection writes (o_proj, down_proj, a mixture's experts) moves the KL
 divergence of the model's output from the dense one by about 1/2 d^T F d, F the Fisher of the output distribution
@@ -8,11 +9,11 @@ weighs the structured-OBS error (prune/obs.py), so that the errors of every laye
 predicted nats of KL per token, and one budget solve compares them. F is estimated the usual way: next tokens
 sampled from the dense model's own distribution, the gradient of their log-likelihood, squared.
 
-Streaming, as the prune: a forward pass over the held-back windows keeps each layer's input (tokens x hidden per
-layer: on the host, or memory-mapped in the staging folder when large), then a backward pass reads the layers
-again, last first, re-runs each on its input with gradients and hands the gradient to the layer before. One layer
-is resident at a time; the cost is two more reads of every layer and three forward passes' worth of compute over
-the held-back tokens (by default 8 windows, an eighth of the calibration set)."""
+Streaming, as the prune: a forward pass over the last --holdout calibration windows keeps each layer's input
+(tokens x hidden per layer: on the host, or memory-mapped in the staging folder when large), then a backward pass
+reads the layers again, last first, re-runs each on its input with gradients and hands the gradient to the layer
+before. One layer is resident at a time; the cost is two more reads of every layer and three forward passes' worth
+of compute over those tokens (by default 8 windows); the held-back windows ride along the forward pass, dense."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -129,12 +130,16 @@ def _output_grads(layer, spec, moe: bool, sums: dict):
             h.remove()
 
 
-def fisher_pass(run, held: HeldOut, seed: int) -> list[LayerFisher]:
-    """Per layer, the diagonal output Fisher of its attention and MLP outputs (see the module's docstring); keeps
-    the dense last hidden states in `held` for the divergence measured after the prune."""
+def fisher_pass(run, held: HeldOut, seed: int, measured: HeldOut | None = None) -> list[LayerFisher]:
+    """Per layer, the diagonal output Fisher of its attention and MLP outputs (see the module's docstring), on the
+    windows of `held`; the forward pass also moves the windows of `measured` (the held-back ones, which the Fisher
+    must not see) through the dense layers and keeps their last hidden states for the divergence after the
+    prune."""
     layers = run.source.layers
     n, nb = len(layers), len(held.batches)
     held.capture()
+    if measured is not None:
+        measured.capture()
     elt = torch.empty((), dtype=run.dtype).element_size()
     total = n * sum(a * b * c for a, b, c in held.shapes) * elt
     where, _ = choose_offload("auto" if run.staging is not None else "host", total, torch.device("cpu"), 0)
@@ -145,7 +150,10 @@ def fisher_pass(run, held: HeldOut, seed: int) -> list[LayerFisher]:
                 for b in range(nb):
                     inputs.put(index * nb + b, held.store.get(b))
                 held.run_layer(index, layer)
-        held.dense_final = [held.store.get(b).cpu() for b in range(nb)]
+                if measured is not None:
+                    measured.run_layer(index, layer)
+        if measured is not None:
+            measured.dense_final = [measured.store.get(b).cpu() for b in range(len(measured.batches))]
         grads = _head_grads(run, held, seed)
         sums = [dict() for _ in range(n)]
         for index, layer in run.layers("KL yardstick: backward", reverse=True):

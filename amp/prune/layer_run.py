@@ -84,6 +84,7 @@ class PruneRun:
         self.passes = PhaseTimer(config.device)  # time and peak memory per pass (the report's memory.passes)
         self.kept_state: dict = {}  # what the two-pass prune keeps of every layer until the solve (bytes)
         self.dense_store = None     # a dense-target refit: the dense model's layer inputs (start_dense_target)
+        self.dense_target = False   # whether start_dense_target made one (the report says what was fitted to)
 
     def layer_args(self, index: int):
         """batch -> (args, kwargs) that layer `index` receives (its own mask and rotary tables), on the device."""
@@ -156,6 +157,7 @@ class PruneRun:
         self.dense_store = None
         if not (self.config.refit_target == "dense" and self.config.sequential and self.refit and not self.bias):
             return
+        self.dense_target = True  # what the report says the refit was fitted to
         shapes = [tuple(self.store.get(b).shape) for b in range(len(self.store))]
         self.dense_store = ActivationStore(shapes, self.dtype, self.offload["where"], self.device, self.staging)
         for b in range(len(self.store)):

@@ -93,10 +93,15 @@ class TokenMask:
 
 
 
+def norm_eps(norm: torch.nn.Module) -> float:
+    """An RMSNorm-like module's eps, under either name transformers gives it (0 where it has none)."""
+    return float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)) or 0.0)
+
+
 def norm_gain(norm: torch.nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
     """The per-channel gain of an RMSNorm-like module: what it makes of a vector of ones (RMS 1), with its eps
     taken back out. Read through the module's own forward, so a family's (1 + weight) convention needs no code."""
-    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)) or 0.0)
+    eps = norm_eps(norm)
     ones = torch.ones(1, width, dtype=like.dtype, device=like.device)
     return (norm(ones).float().reshape(-1) * (1.0 + eps) ** 0.5)
 
@@ -111,7 +116,7 @@ class PostNormWeights:
 
     def __init__(self, projection: torch.nn.Module, norm: torch.nn.Module):
         self.projection = projection
-        self.eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)) or 1e-6)
+        self.eps = norm_eps(norm) or 1e-6  # a norm without eps still must not divide by a zero output
         weight = projection.weight
         self.gain_sq = norm_gain(norm, weight.shape[0], weight).square()
 
