@@ -82,7 +82,7 @@ def _prune_parser(sub):
                         "the lower KL on the held-back windows is kept; uniform for the data-free ones), uniform "
                         "(the paper), depth (share rising with depth), sensitivity "
                         "(measured output change, one budget solve), kl (every layer's attention and MLP error "
-                        "curve from its Gram, weighted by the output Fisher measured on held-back windows: one "
+                        "curve from its Gram, weighted by the output Fisher measured on calibration windows: one "
                         "solve in predicted KL divergence from the dense model)")
     p.add_argument("--holdout", type=int, default=8,
                    help="kl allocation: calibration samples held back (besides --nsamples) to measure the "
