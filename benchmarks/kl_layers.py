@@ -75,7 +75,8 @@ def main():
     args = p.parse_args()
     import amp
     from amp.io.calibration import default_data_dir
-    from amp.quality.perplexity import corpus_text, perplexity
+    from amp.io.calibration import text_prefix
+    from amp.quality.perplexity import corpus_text, perplexity, tokenize_text
 
     data_dir = default_data_dir()
     from benchmarks import zoo
@@ -84,7 +85,7 @@ def main():
     calib = amp.load_calibration(tokenizer, "c4", args.nsamples, 512, 0, data_dir, holdout=8)
     held = torch.stack(calib.held_out)
     dense_logp = [_log_probs(dense, window) for window in held]
-    wiki = tokenizer(corpus_text("wikitext2", data_dir), return_tensors="pt").input_ids[0]
+    wiki = tokenize_text(tokenizer, corpus_text("wikitext2", data_dir))
     n_layers = len(dense.model.layers)
 
     rows, summary, scale = [], [], None
@@ -101,7 +102,7 @@ def main():
             accumulated.append(_held_kl(hybrid, held, dense_logp))
             print(f"round {round_}: layers 0..{layer} pruned: KL {accumulated[-1]:.4f}", flush=True)
         increments = [accumulated[i + 1] - accumulated[i] for i in range(n_layers)]
-        ppl = perplexity(model, wiki, args.ppl_seqlen, args.ppl_windows)["perplexity"]
+        ppl = perplexity(model, wiki, args.ppl_seqlen, args.ppl_windows, prefix=text_prefix(tokenizer))["perplexity"]
         kl = accumulated[-1]
         # the allocation's predicted total is in the scaled unit after round 0: compare the dense-Fisher sum
         unscaled = [p / s for p, s in zip(predicted, scale)] if scale else predicted

@@ -206,6 +206,27 @@ def test_cli_prunes_with_refit_and_sequential_streamed(tiny_llama_dir, tmp_path,
     assert "add --recover" in capsys.readouterr().err
 
 
+def test_calibration_windows_begin_as_the_tokenizer_begins_a_text(tmp_path, tokenizer):
+    """A tokenizer that puts a BOS before every text (Gemma, LLaMA) gets it at the head of every calibration and
+    held-back window, which keeps its length; one that puts nothing there (SmolLM2, this byte-level one) gets the
+    windows it always had (issue 29: Gemma-3-270M without its BOS reads WikiText-2 at 41.05, with it 22.71)."""
+    from tokenizers import processors
+    from amp.io.calibration import load_calibration, text_prefix
+    assert text_prefix(tokenizer) == []
+    plain = load_calibration(tokenizer, "c4", 8, 64, 0, tmp_path, holdout=2)
+    with_bos = copy.deepcopy(tokenizer)
+    with_bos.add_special_tokens({"bos_token": "<bos>"})
+    bos = with_bos.bos_token_id
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", bos)])
+    assert with_bos("hi")["input_ids"][0] == bos and text_prefix(with_bos) == [bos]
+    cal = load_calibration(with_bos, "c4", 8, 64, 0, tmp_path, holdout=2)
+    windows = cal.samples + cal.held_out
+    assert len(cal.samples) == 8 and len(cal.held_out) == 2
+    assert all(len(w) == 64 and int(w[0]) == bos and bos not in w[1:].tolist() for w in windows)
+    assert all(len(w) == 64 and bos not in w.tolist() for w in plain.samples + plain.held_out)
+
+
 def test_default_calibration_is_c4_windows_with_a_bundled_fallback(tmp_path, tokenizer):
     from amp.io.calibration import BUNDLED, load_calibration, resolve_source
     config = amp.PruneConfig(ratio=0.2)

@@ -65,6 +65,23 @@ def test_perplexity_equals_exp_mean_nll():
     assert math.isclose(got["perplexity"], math.exp(float(nll)), rel_tol=1e-5)
 
 
+def test_perplexity_windows_begin_as_the_tokenizer_begins_a_text():
+    """With a prefix (a BOS) every window is the prefix and the next text tokens, and every text token is scored,
+    the first one from the prefix alone: a direct computation window by window."""
+    model = make_tiny("phi_mha")
+    ids = torch.randint(2, 258, (70,), generator=torch.Generator().manual_seed(0))
+    got = perplexity(model, ids, seqlen=16, prefix=[1])
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for w in range(4):  # 70 text tokens give 4 windows of 15
+            text = ids[15 * w:15 * (w + 1)]
+            logits = model(torch.cat([torch.tensor([1]), text])[None]).logits[0]
+            nll += float(F.cross_entropy(logits[:-1], text, reduction="sum"))
+            tokens += len(text)
+    assert got["windows"] == 4 and got["tokens"] == tokens == 60
+    assert math.isclose(got["perplexity"], math.exp(nll / tokens), rel_tol=1e-5)
+
+
 def _choice_logprob(model, tok, context, continuation):
     ctx = tok(context, add_special_tokens=False)["input_ids"]
     cont = tok(continuation, add_special_tokens=False)["input_ids"]

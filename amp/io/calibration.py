@@ -120,6 +120,20 @@ def read_records(path: Path, with_response: bool = False) -> tuple[list[str], bo
     return texts, kind == "Alpaca"
 
 
+def text_prefix(tokenizer) -> list[int]:
+    """The tokens the tokenizer puts before every text it encodes: a BOS for Gemma, LLaMA, Mistral; none for
+    SmolLM2 or Qwen. A window cut from the middle of a corpus is given them, because every input the model meets
+    in use begins with them: without its BOS Gemma-3-270M reads WikiText-2 at perplexity 41.05, with it 22.71, and
+    a prune calibrated on windows without it fits the pruned model to inputs nobody gives it (issue 29)."""
+    probe = "a"
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for k in range(len(full) - len(bare) + 1):
+        if full[k:k + len(bare)] == bare:
+            return full[:k]
+    return []
+
+
 def load_calibration(tokenizer, source: str = "c4", nsamples: int | None = None, seqlen: int = 512, seed: int = 0,
                      data_dir: str | os.PathLike | None = None, holdout: int = 0) -> Calibration:
     """`nsamples` prompts (default 128) of a prompt set, or windows of `seqlen` tokens (default 64) of a text.
@@ -147,18 +161,23 @@ def load_calibration(tokenizer, source: str = "c4", nsamples: int | None = None,
                                f"samples, fewer than the {holdout} to hold back")
             held = [encode(t) for t in rng.sample(rest, holdout)]
         return Calibration(name, [s for s in samples if len(s) > 0], str(path), [s for s in held if len(s) > 0])
-    # Text corpus: concatenate, tokenize once (only as much as needed) and cut random windows of seqlen.
+    # Text corpus: concatenate, tokenize once (only as much as needed) and cut random windows of seqlen tokens,
+    # each beginning with what the tokenizer puts before a text (text_prefix).
+    prefix = torch.tensor(text_prefix(tokenizer), dtype=torch.long)
+    span = seqlen - len(prefix)
+    if span < 1:
+        raise AmpError(f"--seqlen {seqlen} leaves no room for text after the tokenizer's {len(prefix)} leading tokens")
     joined = "\n\n".join(t for t in texts if t.strip())
     if not joined.strip():
         raise AmpError(f"calibration file {path} is empty")
     budget = max(200_000, 8 * nsamples * seqlen)  # characters: plenty for nsamples windows, bounded work
     ids = torch.tensor(tokenizer(joined[: budget * 4], add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if len(ids) < seqlen:
+    if len(ids) < span:
         raise AmpError(f"calibration file {path} holds {len(ids)} tokens, too short for one window of {seqlen}")
-    starts = [rng.randrange(0, len(ids) - seqlen + 1) for _ in range(nsamples)]
-    held = _disjoint_windows(rng, len(ids), seqlen, starts, holdout, path) if holdout else []
-    return Calibration(name, [ids[s:s + seqlen].clone() for s in starts], str(path),
-                       [ids[s:s + seqlen].clone() for s in held])
+    starts = [rng.randrange(0, len(ids) - span + 1) for _ in range(nsamples)]
+    held = _disjoint_windows(rng, len(ids), span, starts, holdout, path) if holdout else []
+    window = lambda s: torch.cat([prefix, ids[s:s + span]])  # noqa: E731
+    return Calibration(name, [window(s) for s in starts], str(path), [window(s) for s in held])
 
 
 def _disjoint_windows(rng: random.Random, length: int, seqlen: int, taken: list[int], count: int, path) -> list[int]:

@@ -12,6 +12,7 @@ from ..io.loading import load_causal_lm
 from ..runtime.fused import accelerate_
 from . import zeroshot
 from .on_vllm import evaluate_on_vllm
+from ..io.calibration import text_prefix
 from .perplexity import CORPORA, DEFAULT_MAX_WINDOWS, corpus_text, perplexity, tokenize_text
 
 
@@ -73,7 +74,7 @@ def evaluate_model(model, tokenizer, name: str, tasks: list[str], texts: dict[st
         start = time.perf_counter()
         windows = max_windows if max_windows is not None else DEFAULT_MAX_WINDOWS[name]
         r = perplexity(model, tokenize_text(tokenizer, text), seqlen, windows, batch_size=1, device=device,
-                       progress=progress)
+                       progress=progress, prefix=text_prefix(tokenizer))
         key = f"{name}@{seqlen}"
         result["perplexity"][key] = r["perplexity"]
         result["perplexity_tokens"][key] = r["tokens"]

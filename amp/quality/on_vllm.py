@@ -21,7 +21,8 @@ from ..io.runtimes import runtime_python
 from ..io.safetensors_io import Checkpoint
 from ..runtime import per_layer
 from . import zeroshot
-from .perplexity import DEFAULT_MAX_WINDOWS, tokenize_text
+from ..io.calibration import text_prefix
+from .perplexity import DEFAULT_MAX_WINDOWS, perplexity_windows, tokenize_text
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 
@@ -68,20 +69,16 @@ def evaluate_on_vllm(model_dir, tasks: list[str], texts: dict[str, str], seqlen:
     # a DeciLM export's config class ships beside it (configuration_decilm.py); nothing else runs remote code
     trust = config.get("model_type") == "nemotron-nas"
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
-    windows = {}
+    windows, prefix = {}, text_prefix(tokenizer)  # each window begins as the tokenizer begins a text
     for name, text in texts.items():
-        ids = tokenize_text(tokenizer, text)
-        n = len(ids) // seqlen
         cap = max_windows if max_windows is not None else DEFAULT_MAX_WINDOWS[name]
-        n = min(n, cap) if cap is not None else n
-        if n == 0:
-            raise AmpError(f"need at least {seqlen} tokens for one perplexity window, got {len(ids)}")
-        windows[name] = ids[: n * seqlen].view(n, seqlen).tolist()
+        windows[name] = perplexity_windows(tokenize_text(tokenizer, text), seqlen, cap, prefix).tolist()
     limit_len = config.get("max_position_embeddings") or seqlen
     job = {"model": str(folder), "dtype": dtype, "trust_remote_code": trust, "tensor_parallel_size": tensor_parallel_size,
            "data_parallel_size": data_parallel_size, "batch_size": batch_size, "limit": limit,
            "max_model_len": max(min(limit_len, 4096), min(seqlen + 1, limit_len)),
-           "tasks": zeroshot.task_files(tasks, data_dir), "windows": windows}
+           "tasks": zeroshot.task_files(tasks, data_dir), "windows": windows,
+           "score_from": max(len(prefix), 1)}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "job.json"

@@ -1,5 +1,6 @@
 """Perplexity as pruning papers measure it: non-overlapping windows of `seqlen` tokens of WikiText-2 or C4 (C4: its
-first 256 windows, as SparseGPT does), exp of the mean next-token NLL."""
+first 256 windows, as SparseGPT does), exp of the mean next-token NLL. Each window begins as the tokenizer begins
+a text (its BOS where it adds one, as lm-eval's rolling windows do): Gemma without it is another model."""
 from __future__ import annotations
 
 import math
@@ -19,24 +20,37 @@ DEFAULT_MAX_WINDOWS = {"wikitext2": None, "c4": 256}
 
 @torch.no_grad()
 def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
-               batch_size: int = 1, device: str = "cpu", progress: bool = False) -> dict:
-    """exp of the mean next-token NLL over non-overlapping windows of `seqlen` (a trailing partial window
-    is dropped); returns {"perplexity", "tokens" (scored), "windows"}."""
-    n = len(token_ids) // seqlen
+               batch_size: int = 1, device: str = "cpu", progress: bool = False, prefix: list[int] = ()) -> dict:
+    """exp of the mean next-token NLL over non-overlapping windows of `seqlen` tokens (a trailing partial window
+    is dropped); each window begins with `prefix` (what the tokenizer puts before a text, calibration.text_prefix:
+    a BOS where the model expects one) and every text token after it is scored. Returns {"perplexity", "tokens"
+    (scored), "windows"}."""
+    windows = perplexity_windows(token_ids, seqlen, max_windows, prefix)
+    start = max(len(prefix) - 1, 0)  # the first scored position predicts the first text token
+    total_nll, total_tokens = 0.0, 0
+    for first in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=not progress):
+        batch = windows[first:first + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, start:-1].reshape(-1, logits.shape[-1]), batch[:, start + 1:].reshape(-1),
+                              reduction="sum")
+        total_nll += float(nll)
+        total_tokens += batch[:, start + 1:].numel()
+    return {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens, "windows": len(windows)}
+
+
+def perplexity_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                       prefix: list[int] = ()) -> torch.Tensor:
+    """(n, seqlen) windows: `prefix`, then the next seqlen - len(prefix) tokens of the text, consecutive."""
+    span = seqlen - len(prefix)
+    n = len(token_ids) // span if span > 0 else 0
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise AmpError(f"need at least {seqlen} tokens for one perplexity window, got {len(token_ids)}")
-    windows = token_ids[: n * seqlen].view(n, seqlen)
-    total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress):
-        batch = windows[start:start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                              reduction="sum")
-        total_nll += float(nll)
-        total_tokens += batch[:, 1:].numel()
-    return {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens, "windows": n}
+        raise AmpError(f"need at least {span} tokens for one perplexity window, got {len(token_ids)}")
+    windows = token_ids[: n * span].view(n, span)
+    if prefix:
+        windows = torch.cat([torch.tensor(list(prefix), dtype=torch.long).expand(n, len(prefix)), windows], 1)
+    return windows
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:

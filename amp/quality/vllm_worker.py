@@ -48,13 +48,14 @@ def summarize(out: dict, tasks: list) -> dict:
     return results
 
 
-def _perplexity(llm, windows: list) -> dict:
+def _perplexity(llm, windows: list, score_from: int = 1) -> dict:
+    """Every window's tokens from `score_from` on (those after the tokenizer's leading tokens) scored."""
     from vllm import SamplingParams
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     outs = llm.generate([{"prompt_token_ids": w} for w in windows], params, use_tqdm=False)
     nll, tokens = 0.0, 0
     for w, r in zip(windows, outs):
-        for i, entry in enumerate(r.prompt_logprobs[1:], start=1):
+        for i, entry in enumerate(r.prompt_logprobs[score_from:], start=score_from):
             nll -= entry[w[i]].logprob
             tokens += 1
     return {"perplexity": math.exp(nll / tokens), "tokens": tokens, "windows": len(windows)}
@@ -108,7 +109,7 @@ def main() -> int:
             result["notes"].append(f"perplexity on {name} skipped: lm-eval's data-parallel vLLM backend exposes "
                                    "no engine to score prompts with (run with data_parallel_size 1 for it)")
             continue
-        result["perplexity"][name] = _perplexity(llm, windows)
+        result["perplexity"][name] = _perplexity(llm, windows, job.get("score_from", 1))
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 
