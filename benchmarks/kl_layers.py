@@ -74,8 +74,7 @@ def main():
     p.add_argument("--name", default="kl_layers")
     args = p.parse_args()
     import amp
-    from amp.io.calibration import default_data_dir
-    from amp.io.calibration import text_prefix
+    from amp.io.calibration import default_data_dir, text_prefix
     from amp.quality.perplexity import corpus_text, perplexity, tokenize_text
 
     data_dir = default_data_dir()

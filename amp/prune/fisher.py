@@ -71,6 +71,10 @@ class HeldOut:
         for index, layer in self.run.layers("held-back windows: dense"):
             with self.run.timer.phase("calibrate"):
                 self.run_layer(index, layer)
+        return self.keep_dense_final()
+
+    def keep_dense_final(self) -> list[torch.Tensor]:
+        """The store's states, after a pass through the dense layers, as the dense model's last hidden states."""
         self.dense_final = [self.store.get(b).cpu() for b in range(len(self.store))]
         return self.dense_final
 
@@ -153,7 +157,7 @@ def fisher_pass(run, held: HeldOut, seed: int, measured: HeldOut | None = None) 
                 if measured is not None:
                     measured.run_layer(index, layer)
         if measured is not None:
-            measured.dense_final = [measured.store.get(b).cpu() for b in range(len(measured.batches))]
+            measured.keep_dense_final()
         grads = _head_grads(run, held, seed)
         sums = [dict() for _ in range(n)]
         for index, layer in run.layers("KL yardstick: backward", reverse=True):

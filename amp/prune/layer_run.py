@@ -84,7 +84,6 @@ class PruneRun:
         self.passes = PhaseTimer(config.device)  # time and peak memory per pass (the report's memory.passes)
         self.kept_state: dict = {}  # what the two-pass prune keeps of every layer until the solve (bytes)
         self.dense_store = None     # a dense-target refit: the dense model's layer inputs (start_dense_target)
-        self.dense_target = False   # whether start_dense_target made one (the report says what was fitted to)
 
     def layer_args(self, index: int):
         """batch -> (args, kwargs) that layer `index` receives (its own mask and rotary tables), on the device."""
@@ -148,6 +147,12 @@ class PruneRun:
                            within_kv=within if query and g.is_gqa else None, keep_gram=keep_gram,
                            staging=self.staging)
 
+    @property
+    def dense_target(self) -> bool:
+        """Whether the refit is fitted to the dense model's output (--refit-target dense, sequential statistics, a
+        refit, no bias): start_dense_target keeps a dense store then, and the report says so."""
+        return self.config.refit_target == "dense" and self.config.sequential and self.refit and not self.bias
+
     def start_dense_target(self) -> None:
         """A dense-target refit (--refit-target dense with sequential statistics and a refit): a second store
         holds the DENSE model's inputs of each layer, copied from the freshly captured embeddings; observe moves
@@ -155,9 +160,8 @@ class PruneRun:
         if self.dense_store is not None:
             self.dense_store.close()
         self.dense_store = None
-        if not (self.config.refit_target == "dense" and self.config.sequential and self.refit and not self.bias):
+        if not self.dense_target:
             return
-        self.dense_target = True  # what the report says the refit was fitted to
         shapes = [tuple(self.store.get(b).shape) for b in range(len(self.store))]
         self.dense_store = ActivationStore(shapes, self.dtype, self.offload["where"], self.device, self.staging)
         for b in range(len(self.store)):

@@ -144,9 +144,9 @@ def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
     if config.allocation == "kl":  # the yardstick first: two reads of every layer over calibration windows
         with run.passes.phase("fisher"):
             # The Fisher is taken on the last --holdout calibration windows, never on the held-back ones: the
-            # allocation is fitted to the windows its Fisher saw, so a divergence measured there favours it (on
-            # Gemma-3-270M it read 0.64 against the paper's 0.90 while WikiText-2 ranked them the other way).
-            # The held-back windows go through the same forward pass, dense, for the divergence after the prune.
+            # allocation is fitted to the windows its Fisher saw, so a divergence measured there would favour it
+            # in --allocation auto's choice. The held-back windows go through the same forward pass, dense, for
+            # the divergence after the prune.
             yardstick = HeldOut(run, run.calibration[-config.holdout:])
             run.held = HeldOut(run, held_out)
             try:
