@@ -227,6 +227,21 @@ def test_calibration_windows_begin_as_the_tokenizer_begins_a_text(tmp_path, toke
     assert all(len(w) == 64 and bos not in w.tolist() for w in plain.samples + plain.held_out)
 
 
+def test_zoo_c4_unseen_text_is_text_no_calibration_window_came_from(data_dir, tokenizer):
+    """The zoo's C4 perplexity on unseen documents (benchmarks/zoo/one.py) reads past the span the calibration draws
+    its windows and held-back windows from (calibration.chars_read): no calibration window's text is in it."""
+    from amp.io.calibration import chars_read, load_calibration
+    from benchmarks.zoo.one import c4_unseen_ids
+    cal = load_calibration(tokenizer, "c4", 64, 512, 0, data_dir, holdout=8)
+    unseen = c4_unseen_ids(tokenizer, data_dir, 1024, 16)
+    assert len(unseen) >= 16 * 1024
+    text = tokenizer.decode(unseen.tolist())
+    windows = cal.samples + cal.held_out
+    assert len(windows) == 72
+    assert not any(tokenizer.decode(w[k:k + 48].tolist()) in text for w in windows for k in (0, 200, 400))
+    assert chars_read(64, 512) == 4 * 262_144   # the span the zoo's 64 x 512 windows come from
+
+
 def test_default_calibration_is_c4_windows_with_a_bundled_fallback(tmp_path, tokenizer):
     from amp.io.calibration import BUNDLED, load_calibration, resolve_source
     config = amp.PruneConfig(ratio=0.2)

@@ -170,14 +170,20 @@ def load_calibration(tokenizer, source: str = "c4", nsamples: int | None = None,
     joined = "\n\n".join(t for t in texts if t.strip())
     if not joined.strip():
         raise AmpError(f"calibration file {path} is empty")
-    budget = max(200_000, 8 * nsamples * seqlen)  # characters: plenty for nsamples windows, bounded work
-    ids = torch.tensor(tokenizer(joined[: budget * 4], add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(joined[: chars_read(nsamples, seqlen)], add_special_tokens=False)["input_ids"],
+                       dtype=torch.long)
     if len(ids) < span:
         raise AmpError(f"calibration file {path} holds {len(ids)} tokens, too short for one window of {seqlen}")
     starts = [rng.randrange(0, len(ids) - span + 1) for _ in range(nsamples)]
     held = _disjoint_windows(rng, len(ids), span, starts, holdout, path) if holdout else []
     window = lambda s: torch.cat([prefix, ids[s:s + span]])  # noqa: E731
     return Calibration(name, [window(s) for s in starts], str(path), [window(s) for s in held])
+
+
+def chars_read(nsamples: int, seqlen: int) -> int:
+    """How many leading characters of a text corpus the calibration tokenizes and draws its windows (and held-back
+    windows) from: plenty for nsamples windows, bounded work. What lies beyond is text no prune saw."""
+    return 4 * max(200_000, 8 * nsamples * seqlen)
 
 
 def _disjoint_windows(rng: random.Random, length: int, seqlen: int, taken: list[int], count: int, path) -> list[int]:

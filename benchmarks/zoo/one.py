@@ -1,11 +1,12 @@
 """One recipe on one zoo model at one ratio, in this (fresh) process: the prune timed alone, then its KL from the
-dense model on the engine's held-back calibration windows, WikiText-2 perplexity and, optionally, zero-shot rows.
+dense model on the engine's held-back calibration windows, WikiText-2 perplexity, C4 perplexity on documents the
+calibration never read and, optionally, zero-shot rows.
 Run by benchmarks.zoo.table (one process per row, so that no run inherits another's memory or caches):
 
     python -m benchmarks.zoo.one JOB.json   (prints `RESULT {...}`)
 
-JOB: model (a zoo name), ratio, recipe (default | paper | optipfair | dense), tasks, limit, ppl (list of
-[seqlen, windows]). Calibration as the engine's default run: 64 C4 windows of 512 tokens, seed 0, 8 more held back
+JOB: model (a zoo name), ratio, recipe (default | paper | optipfair | dense, or a part: engine-kl, obs-uniform,
+amp-kl, dense-target), tasks, limit, ppl (list of [seqlen, windows]). Calibration as the engine's default run: 64 C4 windows of 512 tokens, seed 0, 8 more held back
 (drawn after them, so that the 64 are the same for every recipe)."""
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ RECIPES = {
     "paper": {"criterion": "amp", "allocation": "uniform"},     # arXiv 2504.21174's recipe, in the engine
     "engine-kl": {"allocation": "kl"},                          # the engine's own candidate, without the choice
     "dense-target": {"refit_target": "dense"},                  # the default with --refit-target dense
+    # the parts, one at a time (what each bought on each model): the engine's criterion under the paper's
+    # allocation, and the paper's criterion under the engine's allocation
+    "obs-uniform": {"criterion": "obs", "allocation": "uniform"},
+    "amp-kl": {"criterion": "amp", "allocation": "kl"},
 }
 
 
@@ -34,6 +39,21 @@ def held_kl(dense_logp: list[torch.Tensor], model, held: list[torch.Tensor]) -> 
         total += float((dense.exp() * (dense - logp)).sum(-1).sum())
         tokens += window.numel()
     return total / tokens
+
+
+C4_UNSEEN = (1024, 16)  # seqlen, windows of C4 perplexity on documents the calibration never read
+
+
+def c4_unseen_ids(tokenizer, data_dir, seqlen: int, windows: int) -> torch.Tensor:
+    """Token ids of C4 validation documents past the span the calibration reads (calibration.chars_read for the
+    zoo's 64 windows of 512): the calibration's own corpus, on text no prune, Fisher or choice saw. Tells whether
+    a candidate the held-back KL prefers is also better in perplexity on its own domain."""
+    from amp.io.calibration import chars_read, read_records, resolve_source
+    from amp.quality.perplexity import tokenize_text
+    texts, _ = read_records(resolve_source("c4", data_dir))
+    joined = "\n\n".join(t for t in texts if t.strip())
+    start = joined.index("\n\n", chars_read(64, 512)) + 2  # the first document that begins after that span
+    return tokenize_text(tokenizer, joined[start:start + 8 * seqlen * windows])
 
 
 def run(job: dict) -> dict:
@@ -89,6 +109,12 @@ def run(job: dict) -> dict:
     for seqlen, windows in job["ppl"]:
         r = evaluate_model(model, tokenizer, recipe, [], texts, seqlen, data_dir, None, 8, "cpu", windows, False)
         out["perplexity"][f"{windows}x{seqlen}"] = round(r["perplexity"][f"wikitext2@{seqlen}"], 3)
+    from amp.io.calibration import text_prefix
+    from amp.quality.perplexity import perplexity
+    seqlen, windows = C4_UNSEEN
+    r = perplexity(model, c4_unseen_ids(tokenizer, data_dir, seqlen, windows), seqlen, windows,
+                   prefix=text_prefix(tokenizer))
+    out["perplexity"][f"c4_unseen_{windows}x{seqlen}"] = round(r["perplexity"], 3)
     if job.get("tasks"):
         start = time.perf_counter()
         r = evaluate_model(model, tokenizer, recipe, job["tasks"], {}, 1024, data_dir, job["limit"], 8, "cpu", None,
