@@ -83,7 +83,9 @@ def test_post_norm_error_is_predicted_and_chosen_where_the_residual_stream_sees_
 
     mlp, predicted = _choose_and_refit(layer, spec, geom, x)
     measured = _written_error(layer, spec, mlp, x)
-    assert 0.5 < predicted / measured < 1.5, (predicted, measured)  # first order: the norm's radial part aside
+    # first order, the norm's radial part aside; the quiet-token bound (1 / (mean y^2 + the median's)) weighs a
+    # typical token about half, the same for every layer of a model: 0.58 here (1.01 unbounded, 0.003 before norms)
+    assert 0.5 < predicted / measured < 1.5, (predicted, measured)
 
     # what the engine did before: the same choice and refit from the error measured before the norm
     before_mlp, _ = _choose_and_refit(layer, replace(spec, post_norms=None), geom, x)

@@ -6,7 +6,8 @@ Run by benchmarks.zoo.table (one process per row, so that no run inherits anothe
     python -m benchmarks.zoo.one JOB.json   (prints `RESULT {...}`)
 
 JOB: model (a zoo name), ratio, recipe (default | paper | optipfair | dense, or a part: engine-kl, obs-uniform,
-amp-kl, dense-target), tasks, limit, ppl (list of [seqlen, windows]). Calibration as the engine's default run: 64 C4 windows of 512 tokens, seed 0, 8 more held back
+amp-kl, paper-no-refit, dense-target), tasks, limit, ppl (list of [seqlen, windows]). Calibration as the engine's
+default run: 64 C4 windows of 512 tokens, seed 0, 8 more held back
 (drawn after them, so that the 64 are the same for every recipe)."""
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ RECIPES = {
     # allocation, and the paper's criterion under the engine's allocation
     "obs-uniform": {"criterion": "obs", "allocation": "uniform"},
     "amp-kl": {"criterion": "amp", "allocation": "kl"},
+    "paper-no-refit": {"criterion": "amp", "allocation": "uniform", "compensate": "none"},  # what the refit buys
 }
 
 
