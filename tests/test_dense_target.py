@@ -47,11 +47,13 @@ def test_dense_target_refit_is_the_weighted_least_squares_fit_to_the_dense_outpu
             mlp(pruned_x[rows])
     u, x = _rows(mlp, dense_x), _rows(mlp, pruned_x)
     weight = down.weight.detach().clone()
-    # independent: weighted (post-norm: 1 / mean(y^2) of the dense output) ridge toward W_K, by lstsq
+    # independent: weighted (post-norm: 1 / (mean(y^2) + the batch's median) of the dense output) ridge toward
+    # W_K, by lstsq; the weights per batch of 200, as the hooks saw them
     w = torch.ones(len(u), dtype=torch.float64)
     if spec.post_norms is not None:
         with torch.no_grad():
-            w = PostNormWeights(down, layer.get_submodule(spec.post_norms[1])).token_weights(u).double()
+            post = PostNormWeights(down, layer.get_submodule(spec.post_norms[1]))
+            w = torch.cat([post.token_weights(u[:200]), post.token_weights(u[200:])]).double()
     kept = torch.arange(0, geom.intermediate, 2)
     errors = compensate.refit(down, stats.down_gram, kept, 0.01, False, stats.down_target)
     xw, target = x[:, kept] * w.sqrt()[:, None], (u @ weight.T) * w.sqrt()[:, None]
