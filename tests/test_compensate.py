@@ -228,8 +228,9 @@ def test_calibration_windows_begin_as_the_tokenizer_begins_a_text(tmp_path, toke
 
 
 def test_zoo_c4_unseen_text_is_text_no_calibration_window_came_from(data_dir, tokenizer):
-    """The zoo's C4 perplexity on unseen documents (benchmarks/zoo/one.py) reads past the span the calibration draws
-    its windows and held-back windows from (calibration.chars_read): no calibration window's text is in it."""
+    """The zoo's C4 perplexity on unseen documents (benchmarks/zoo/one.py, calibration.unseen_text) reads past the
+    span the calibration draws its windows and held-back windows from (calibration.chars_read): no calibration
+    window's text is in it."""
     from amp.io.calibration import chars_read, load_calibration
     from benchmarks.zoo.one import c4_unseen_ids
     cal = load_calibration(tokenizer, "c4", 64, 512, 0, data_dir, holdout=8)

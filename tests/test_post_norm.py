@@ -108,17 +108,16 @@ def test_quiet_tokens_do_not_own_the_post_norm_gram(family):
     mlp, down = spec.get(layer, spec.mlp), spec.get(layer, spec.down)
     x = 10 * _inputs(geom.hidden, massive=1.0).double()           # outputs of mean square ~0.07
     quiet = 10 * torch.randn(1, geom.hidden, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    calibration = torch.cat([x, quiet.expand(64, -1)])
     with torch.no_grad():  # down_proj writes nothing for the quiet token's (ordinary-sized) activations
-        act = torch.nn.functional.gelu(mlp.gate_proj(quiet), approximate="tanh") * mlp.up_proj(quiet)
-        u = act / act.norm()
+        rows = torch.nn.functional.gelu(mlp.gate_proj(calibration), approximate="tanh") * mlp.up_proj(calibration)
+        u = rows[-1:] / rows[-1].norm()
         down.weight -= (down.weight @ u.T) @ u
-        rows = torch.nn.functional.gelu(mlp.gate_proj(x), approximate="tanh") * mlp.up_proj(x)
-        w = PostNormWeights(down, layer.get_submodule(spec.post_norms[1])).token_weights(
-            torch.cat([rows, act.expand(64, -1)]))
+        w = PostNormWeights(down, layer.get_submodule(spec.post_norms[1])).token_weights(rows)
     assert float(w[-64:].sum() / w.sum()) < 0.1, float(w[-64:].sum() / w.sum())  # 64 of 2,112 tokens
 
     fresh = 10 * _inputs(geom.hidden, massive=1.0, seed=2).double()
-    with_quiet, _ = _choose_and_refit(layer, spec, geom, torch.cat([x, quiet.expand(64, -1)]))
+    with_quiet, _ = _choose_and_refit(layer, spec, geom, calibration)
     without, _ = _choose_and_refit(layer, spec, geom, x)
     error, reference = _written_error(layer, spec, with_quiet, fresh), _written_error(layer, spec, without, fresh)
     assert error < 1.08 * reference, (error, reference)

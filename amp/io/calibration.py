@@ -167,7 +167,7 @@ def load_calibration(tokenizer, source: str = "c4", nsamples: int | None = None,
     span = seqlen - len(prefix)
     if span < 1:
         raise AmpError(f"--seqlen {seqlen} leaves no room for text after the tokenizer's {len(prefix)} leading tokens")
-    joined = "\n\n".join(t for t in texts if t.strip())
+    joined = _joined(texts)
     if not joined.strip():
         raise AmpError(f"calibration file {path} is empty")
     ids = torch.tensor(tokenizer(joined[: chars_read(nsamples, seqlen)], add_special_tokens=False)["input_ids"],
@@ -180,10 +180,22 @@ def load_calibration(tokenizer, source: str = "c4", nsamples: int | None = None,
     return Calibration(name, [window(s) for s in starts], str(path), [window(s) for s in held])
 
 
+def _joined(texts: list[str]) -> str:
+    """A text corpus's documents as the calibration reads them: the non-empty ones, a blank line between."""
+    return "\n\n".join(t for t in texts if t.strip())
+
+
 def chars_read(nsamples: int, seqlen: int) -> int:
     """How many leading characters of a text corpus the calibration tokenizes and draws its windows (and held-back
     windows) from: plenty for nsamples windows, bounded work. What lies beyond is text no prune saw."""
     return 4 * max(200_000, 8 * nsamples * seqlen)
+
+
+def unseen_text(source: str, nsamples: int, seqlen: int, data_dir: str | os.PathLike | None = None) -> str:
+    """The text corpus's documents that begin after the span a calibration of nsamples windows of seqlen reads
+    (chars_read): its own domain, on text no window or held-back window came from."""
+    joined = _joined(read_records(resolve_source(source, data_dir))[0])
+    return joined[joined.index("\n\n", chars_read(nsamples, seqlen)) + 2:]
 
 
 def _disjoint_windows(rng: random.Random, length: int, seqlen: int, taken: list[int], count: int, path) -> list[int]:

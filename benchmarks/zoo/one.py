@@ -7,8 +7,8 @@ Run by benchmarks.zoo.table (one process per row, so that no run inherits anothe
 
 JOB: model (a zoo name), ratio, recipe (default | paper | optipfair | dense, or a part: engine-kl, obs-uniform,
 amp-kl, paper-no-refit, dense-target), tasks, limit, ppl (list of [seqlen, windows]). Calibration as the engine's
-default run: 64 C4 windows of 512 tokens, seed 0, 8 more held back
-(drawn after them, so that the 64 are the same for every recipe)."""
+default run: 64 C4 windows of 512 tokens, seed 0, 8 more held back (drawn after them, so that the 64 are the same
+for every recipe)."""
 from __future__ import annotations
 
 import json
@@ -43,19 +43,17 @@ def held_kl(dense_logp: list[torch.Tensor], model, held: list[torch.Tensor]) -> 
     return total / tokens
 
 
+CALIBRATION = ("c4", 64, 512)  # corpus, windows, tokens per window: every row's calibration (8 more held back)
 C4_UNSEEN = (1024, 16)  # seqlen, windows of C4 perplexity on documents the calibration never read
 
 
 def c4_unseen_ids(tokenizer, data_dir, seqlen: int, windows: int) -> torch.Tensor:
-    """Token ids of C4 validation documents past the span the calibration reads (calibration.chars_read for the
-    zoo's 64 windows of 512): the calibration's own corpus, on text no prune, Fisher or choice saw. Tells whether
-    a candidate the held-back KL prefers is also better in perplexity on its own domain."""
-    from amp.io.calibration import chars_read, read_records, resolve_source
+    """Token ids of C4 validation documents past the span the zoo's calibration reads (calibration.unseen_text):
+    the calibration's own corpus, on text no prune, Fisher or choice saw. Tells whether a candidate the held-back
+    KL prefers is also better in perplexity on its own domain."""
+    from amp.io.calibration import unseen_text
     from amp.quality.perplexity import tokenize_text
-    texts, _ = read_records(resolve_source("c4", data_dir))
-    joined = "\n\n".join(t for t in texts if t.strip())
-    start = joined.index("\n\n", chars_read(64, 512)) + 2  # the first document that begins after that span
-    return tokenize_text(tokenizer, joined[start:start + 8 * seqlen * windows])
+    return tokenize_text(tokenizer, unseen_text(*CALIBRATION, data_dir)[: 8 * seqlen * windows])
 
 
 def run(job: dict) -> dict:
@@ -70,7 +68,7 @@ def run(job: dict) -> dict:
     data_dir = default_data_dir()
     model, tokenizer, folder = amp.load_model(gguf)
     total = total_params(model)
-    calib = amp.load_calibration(tokenizer, "c4", 64, 512, 0, data_dir, holdout=8)
+    calib = amp.load_calibration(tokenizer, *CALIBRATION, 0, data_dir, holdout=8)
     with torch.no_grad():
         dense_logp = [torch.log_softmax(model(w[None]).logits.float(), -1) for w in calib.held_out]
     out = {"model": job["model"], "ratio": job["ratio"], "recipe": job["recipe"]}

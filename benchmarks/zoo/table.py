@@ -12,7 +12,8 @@ runs rows already there); the table (<name>.md / .csv) is written at the end, wi
 to the paper's recipe, and the paired gaps of the four-task average (without BoolQ) where zero-shot rows were run.
 Perplexity: WikiText-2 test, the first 8 windows of 1,024 tokens (8,192 tokens: issue 29's measure) and 20 windows
 of 2,048 (the engine's); C4 on documents the calibration never read, 16 windows of 1,024 (the calibration's own
-domain: does the held-back KL's preference hold in perplexity there?). Held-out KL: mean over the 8 held-back calibration windows' tokens of KL(dense || pruned).
+domain: does the held-back KL's preference hold in perplexity there?). Held-out KL: mean over the 8 held-back
+calibration windows' tokens of KL(dense || pruned).
 """
 from __future__ import annotations
 
@@ -119,9 +120,9 @@ def main(argv=None) -> int:
         "candidate and the paper's recipe, `kept`); paper = --criterion amp --allocation uniform; optipfair = "
         "OptiPFair 0.4.2 MLP-GLU (MAW) cut to the same parameter count. Perplexity: WikiText-2 test, 8 windows of "
         "1,024 and 20 of 2,048 tokens; ppl_c4_unseen: C4 validation documents past the span the calibration "
-        "reads, 16 windows of 1,024 (blank: a row run before it was measured). " + (f"Zero-shot: the first {args.limit} rows of {', '.join(tasks)}; avg4 "
-                                            "their mean (acc_norm where defined), gaps paired on the same rows with "
-                                            "a bootstrap 95 % interval." if tasks else "No zero-shot rows.")])
+        "reads, 16 windows of 1,024 (blank: a row run before it was measured). " +
+        (f"Zero-shot: the first {args.limit} rows of {', '.join(tasks)}; avg4 their mean (acc_norm where defined), "
+         "gaps paired on the same rows with a bootstrap 95 % interval." if tasks else "No zero-shot rows.")])
     return 0
 
 
