@@ -6,9 +6,9 @@ Run by benchmarks.zoo.table (one process per row, so that no run inherits anothe
     python -m benchmarks.zoo.one JOB.json   (prints `RESULT {...}`)
 
 JOB: model (a zoo name), ratio, recipe (default | paper | optipfair | dense, or a part: engine-kl, obs-uniform,
-amp-kl, paper-no-refit, dense-target), tasks, limit, ppl (list of [seqlen, windows]). Calibration as the engine's
-default run: 64 C4 windows of 512 tokens, seed 0, 8 more held back (drawn after them, so that the 64 are the same
-for every recipe)."""
+amp-kl, paper-no-refit, dense-target), tasks, limit, ppl (list of [seqlen, windows]), calibration (optional
+[corpus, windows, tokens per window]). Calibration as the engine's default run unless given: 64 C4 windows of 512
+tokens, seed 0, 8 more held back (drawn after them, so that the 64 are the same for every recipe)."""
 from __future__ import annotations
 
 import json
@@ -47,13 +47,15 @@ CALIBRATION = ("c4", 64, 512)  # corpus, windows, tokens per window: every row's
 C4_UNSEEN = (1024, 16)  # seqlen, windows of C4 perplexity on documents the calibration never read
 
 
-def c4_unseen_ids(tokenizer, data_dir, seqlen: int, windows: int) -> torch.Tensor:
+def c4_unseen_ids(tokenizer, data_dir, seqlen: int, windows: int, calibrations=(CALIBRATION,)) -> torch.Tensor:
     """Token ids of C4 validation documents past the span the zoo's calibration reads (calibration.unseen_text):
     the calibration's own corpus, on text no prune, Fisher or choice saw. Tells whether a candidate the held-back
     KL prefers is also better in perplexity on its own domain."""
-    from amp.io.calibration import unseen_text
+    from amp.io.calibration import chars_read, unseen_text
     from amp.quality.perplexity import tokenize_text
-    return tokenize_text(tokenizer, unseen_text(*CALIBRATION, data_dir)[: 8 * seqlen * windows])
+    # the same documents for every row unless a row's calibration reads further (then past it as well)
+    widest = max(calibrations, key=lambda c: chars_read(c[1], c[2]))
+    return tokenize_text(tokenizer, unseen_text(*widest, data_dir)[: 8 * seqlen * windows])
 
 
 def run(job: dict) -> dict:
@@ -68,10 +70,13 @@ def run(job: dict) -> dict:
     data_dir = default_data_dir()
     model, tokenizer, folder = amp.load_model(gguf)
     total = total_params(model)
-    calib = amp.load_calibration(tokenizer, *CALIBRATION, 0, data_dir, holdout=8)
+    calibration = tuple(job.get("calibration") or CALIBRATION)
+    calib = amp.load_calibration(tokenizer, *calibration, 0, data_dir, holdout=8)
     with torch.no_grad():
         dense_logp = [torch.log_softmax(model(w[None]).logits.float(), -1) for w in calib.held_out]
     out = {"model": job["model"], "ratio": job["ratio"], "recipe": job["recipe"]}
+    if calibration != CALIBRATION:
+        out["calibration"] = list(calibration)
     recipe = job["recipe"]
     if recipe in RECIPES:
         start = time.perf_counter()
@@ -112,7 +117,8 @@ def run(job: dict) -> dict:
     from amp.io.calibration import text_prefix
     from amp.quality.perplexity import perplexity
     seqlen, windows = C4_UNSEEN
-    r = perplexity(model, c4_unseen_ids(tokenizer, data_dir, seqlen, windows), seqlen, windows,
+    r = perplexity(model, c4_unseen_ids(tokenizer, data_dir, seqlen, windows, (CALIBRATION, calibration)), seqlen,
+                   windows,
                    prefix=text_prefix(tokenizer))
     out["perplexity"][f"c4_unseen_{windows}x{seqlen}"] = round(r["perplexity"], 3)
     if job.get("tasks"):

@@ -5,7 +5,7 @@ zero-shot rows.
 
     python -m benchmarks.zoo.table [--runs smollm2-135m@0.1,0.2,0.3+gemma3-270m@0.1,0.2]
         [--recipes dense,default,paper,optipfair] [--tasks piqa,winogrande,arc_easy,arc_challenge | none]
-        [--limit 500] [--name zoo]
+        [--limit 500] [--name zoo] [--calibration c4:64x512]
 
 Every finished row is kept in benchmarks/results/<name>.json as it lands (a run resumes where it stopped; --again
 runs rows already there); the table (<name>.md / .csv) is written at the end, with the ratios to the best peer and
@@ -96,16 +96,21 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--name", default="zoo")
     p.add_argument("--again", action="store_true", help="run rows already in the results file again")
+    p.add_argument("--calibration", default="c4:64x512", help="CORPUS:WINDOWSxTOKENS, the prune's calibration "
+                   "(and its 8 held-back windows); another than the default belongs in its own --name")
     args = p.parse_args(argv)
     path = RESULTS / f"{args.name}.json"
     results = json.loads(path.read_text())["results"] if path.exists() else {}
     tasks = [] if args.tasks == "none" else args.tasks.split(",")
+    corpus, size = args.calibration.split(":")
+    windows, seqlen = (int(n) for n in size.split("x"))
     for model, ratio in _runs(args.runs):
         for recipe in args.recipes.split(","):
             key = _key(model, ratio, recipe)
             if key in results and not args.again:
                 continue
-            job = {"model": model, "ratio": ratio, "recipe": recipe, "tasks": tasks, "limit": args.limit, "ppl": PPL}
+            job = {"model": model, "ratio": ratio, "recipe": recipe, "tasks": tasks, "limit": args.limit, "ppl": PPL,
+                   "calibration": [corpus, windows, seqlen]}
             print(f"{key} ...", flush=True)
             results[key] = run_one(job)
             r = results[key]
@@ -115,11 +120,11 @@ def main(argv=None) -> int:
             path.write_text(json.dumps({"results": results}, indent=1))
     rows, _ = table_rows(results)
     record(args.name, rows, [
-        "The quality zoo (benchmarks/zoo/table.py): each row a fresh process; calibration 64 C4 windows of 512 tokens "
-        "(seed 0) and 8 held back; default = --allocation auto (the measured choice between the engine's kl "
-        "candidate and the paper's recipe, `kept`); paper = --criterion amp --allocation uniform; optipfair = "
-        "OptiPFair 0.4.2 MLP-GLU (MAW) cut to the same parameter count. Perplexity: WikiText-2 test, 8 windows of "
-        "1,024 and 20 of 2,048 tokens; ppl_c4_unseen: C4 validation documents past the span the calibration "
+        f"The quality zoo (benchmarks/zoo/table.py): each row a fresh process; calibration {windows} {corpus} windows "
+        f"of {seqlen} tokens (seed 0) and 8 held back; default = --allocation auto (the measured choice between the "
+        "engine's kl candidate and the paper's recipe, `kept`); paper = --criterion amp --allocation uniform; "
+        "optipfair = OptiPFair 0.4.2 MLP-GLU (MAW) cut to the same parameter count. Perplexity: WikiText-2 test, 8 "
+        "windows of 1,024 and 20 of 2,048 tokens; ppl_c4_unseen: C4 validation documents past the span the calibration "
         "reads, 16 windows of 1,024 (blank: a row run before it was measured). " +
         (f"Zero-shot: the first {args.limit} rows of {', '.join(tasks)}; avg4 their mean (acc_norm where defined), "
          "gaps paired on the same rows with a bootstrap 95 % interval." if tasks else "No zero-shot rows.")])
