@@ -241,6 +241,17 @@ def test_zoo_c4_unseen_text_is_text_no_calibration_window_came_from(data_dir, to
     assert len(windows) == 72
     assert not any(tokenizer.decode(w[k:k + 48].tolist()) in text for w in windows for k in (0, 200, 400))
     assert chars_read(64, 512) == 4 * 262_144   # the span the zoo's 64 x 512 windows come from
+    # a row calibrated otherwise (zoo.table --calibration) is scored past the wider of the two spans, whichever
+    # order they come in; 32 windows of 1,024 read the default's span, so such rows share its documents
+    from amp.io.calibration import unseen_text
+    from amp.quality.perplexity import tokenize_text
+    from benchmarks.zoo.one import CALIBRATION
+    wider = ("c4", 96, 512)
+    past_wider = c4_unseen_ids(tokenizer, data_dir, 1024, 16, (CALIBRATION, wider))
+    assert torch.equal(past_wider, c4_unseen_ids(tokenizer, data_dir, 1024, 16, (wider, CALIBRATION)))
+    assert torch.equal(past_wider, tokenize_text(tokenizer, unseen_text(*wider, data_dir)[: 8 * 1024 * 16]))
+    assert not torch.equal(past_wider[:1024], unseen[:1024])
+    assert torch.equal(unseen, c4_unseen_ids(tokenizer, data_dir, 1024, 16, (CALIBRATION, ("c4", 32, 1024))))
 
 
 def test_default_calibration_is_c4_windows_with_a_bundled_fallback(tmp_path, tokenizer):
