@@ -117,9 +117,8 @@ def run(job: dict) -> dict:
     from amp.io.calibration import text_prefix
     from amp.quality.perplexity import perplexity
     seqlen, windows = C4_UNSEEN
-    r = perplexity(model, c4_unseen_ids(tokenizer, data_dir, seqlen, windows, (CALIBRATION, calibration)), seqlen,
-                   windows,
-                   prefix=text_prefix(tokenizer))
+    unseen = c4_unseen_ids(tokenizer, data_dir, seqlen, windows, (CALIBRATION, calibration))
+    r = perplexity(model, unseen, seqlen, windows, prefix=text_prefix(tokenizer))
     out["perplexity"][f"c4_unseen_{windows}x{seqlen}"] = round(r["perplexity"], 3)
     if job.get("tasks"):
         start = time.perf_counter()
