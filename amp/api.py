@@ -54,16 +54,17 @@ class InMemory:
         self.model = model
         self.waiting = None
         self.params_before = allocate.total_params(model)
+        self.moe = spec_for(model).moe is not None
 
     def open(self, name: str | None):
-        if name == candidates.ENGINE:
+        if name == candidates.ORDER[0]:
             source = ModelSource(self.model)
             self.waiting = candidates.LayersSink(self.model, source.storage_dtype)
             return candidates.CopySource(source), self.waiting
         return ModelSource(self.model), ModelSink(self.model)
 
     def keep(self, name: str) -> None:
-        if name == candidates.ENGINE:
+        if name == candidates.ORDER[0]:
             self.waiting.adopt(ModelSink(self.model))
         self.waiting = None
 
@@ -79,7 +80,9 @@ class Streamed:
         self.folder, self.ckpt, self.storage, self.out = folder, ckpt, storage, out
         self.max_shard = parse_size(max_shard_size)
         self.sinks = {}
-        self.params_before = allocate.total_params(SafetensorsSource(folder, ckpt, storage).model)  # meta: no data
+        meta = SafetensorsSource(folder, ckpt, storage).model  # meta tensors: no data read
+        self.params_before = allocate.total_params(meta)
+        self.moe = spec_for(meta).moe is not None
 
     def open(self, name: str | None):
         source = SafetensorsSource(self.folder, self.ckpt, self.storage)
@@ -123,12 +126,12 @@ def _prune(io, config: PruneConfig, calibration, pad_id: int, timer, progress: b
         if candidates.applies(config):
             opened = {}
 
-            def run_one(name, candidate, dense_final):
+            def run_one(name, candidate, dense_final, side, observed):
                 opened[name] = io.open(name)
                 return prune_layers(*opened[name], candidate, samples, pad_id=pad_id, timer=timer, progress=progress,
                                     staging=staging, probe=probe, held_out=held_out, measure=True,
-                                    dense_final=dense_final)
-            kept, result, selection = candidates.choose(run_one, config)
+                                    dense_final=dense_final, side=side, observed=observed)
+            kept, result, selection = candidates.choose(run_one, config, io.moe)
             io.keep(kept)
             source, sink = opened[kept]
             used = config if kept == candidates.ENGINE else candidates.paper_config(config)

@@ -46,16 +46,19 @@ def test_auto_keeps_the_candidate_with_the_lower_measured_divergence(criterion, 
         assert selection["kept"] == kept
     # honest: the kept model's divergence, computed here, is the one reported
     assert _kl(dense, model, held) == pytest.approx(kl[selection["kept"]], rel=1e-3)
-    # each candidate is the recipe asked for explicitly (same calibration split, same held-back windows)
     name = selection["kept"]
-    explicit = copy.deepcopy(dense)
-    fields = dict(criterion="amp", allocation="uniform") if name == "paper" else \
-        dict(criterion=criterion, allocation="kl")
-    # the paper's recipe alone holds nothing back: it gets the same calibration windows as the candidate
-    amp.prune_(explicit, amp.PruneConfig(ratio=0.2, **fields), cal[:-HOLDOUT] if name == "paper" else cal,
-               progress=False)
-    for a, b in zip(_logits(model, cal[:3]), _logits(explicit, cal[:3])):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # where the engine's curves rode on the paper's pass, the report says so (obs: shared; reversed: its own)
+    assert (selection["shared"] is not None) == (criterion == "obs")
+    if name == "paper" or criterion != "obs":
+        # the candidate is the recipe asked for explicitly (same calibration split, same held-back windows)
+        explicit = copy.deepcopy(dense)
+        fields = dict(criterion="amp", allocation="uniform") if name == "paper" else \
+            dict(criterion=criterion, allocation="kl")
+        # the paper's recipe alone holds nothing back: it gets the same calibration windows as the candidate
+        amp.prune_(explicit, amp.PruneConfig(ratio=0.2, **fields), cal[:-HOLDOUT] if name == "paper" else cal,
+                   progress=False)
+        for a, b in zip(_logits(model, cal[:3]), _logits(explicit, cal[:3])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert report["allocation"]["method"] == ("uniform" if name == "paper" else "kl")
     assert any(n.startswith(f"allocation auto: kept the {name} recipe") for n in report["notes"])
 
@@ -78,3 +81,32 @@ def test_streamed_choice_equals_in_memory_and_leaves_one_result(tmp_path):
     ids = torch.tensor([[5, 9, 11, 40, 7]])
     with torch.no_grad():
         torch.testing.assert_close(streamed(ids).logits, loaded(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma3_gqa"])
+def test_shared_pass_gives_the_engine_what_its_own_passes_would(family):
+    """The engine's Fisher and curves ride on the paper's pass (candidates.shares_pass). With dense statistics
+    (--no-sequential) the paper's pass sees the dense model's inputs, as the engine's own observing pass does:
+    the engine candidate must then be exactly the kl recipe asked for explicitly (its held-back KL and the
+    model it hands back), both candidates must be measured, and the shared entry must be in the report."""
+    dense = make_tiny(family)
+    cal = random_calibration(n=24, lo=20, hi=40)
+    model = copy.deepcopy(dense)
+    report = amp.prune_(model, amp.PruneConfig(ratio=0.2, sequential=False), cal, progress=False)
+    selection = report["selection"]
+    assert selection["shared"] is not None
+    explicit = copy.deepcopy(dense)
+    alone = amp.prune_(explicit, amp.PruneConfig(ratio=0.2, allocation="kl", sequential=False), cal, progress=False)
+    assert selection["candidates"]["engine"]["heldout_kl"] == pytest.approx(
+        alone["allocation"]["heldout_kl"]["measured"], rel=1e-6)
+    if selection["kept"] == "engine":
+        assert report["allocation"]["predicted_kl"] == alone["allocation"]["predicted_kl"]
+        for a, b in zip(_logits(model, cal[:3]), _logits(explicit, cal[:3])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the paper's KL, measured in the engine's run on the same dense logits, is the paper's recipe's own,
+    # computed here on the model that recipe hands back
+    paper = copy.deepcopy(dense)
+    amp.prune_(paper, amp.PruneConfig(ratio=0.2, criterion="amp", allocation="uniform", sequential=False),
+               cal[:-HOLDOUT], progress=False)
+    assert selection["candidates"]["paper"]["heldout_kl"] == pytest.approx(_kl(dense, paper, cal[-HOLDOUT:]),
+                                                                           rel=1e-3)

@@ -5,10 +5,17 @@ measured on the held-back calibration windows (never on an evaluation set), and 
 allocation is chosen by a second-order prediction; on a model unlike those it was measured on the prediction can
 be wrong (Gemma-3-270M, issue 29), and then the measurement hands back the paper's result instead of a worse one.
 
-Costs: the paper's recipe is one pass over the layers (and it reuses the dense model's states on the held-back
-windows that the kl allocation's Fisher pass kept), so the whole prune is the engine's recipe plus the paper's.
-Memory: streamed, each candidate writes its own shards (twice the output on disk for a while), one layer resident
-as ever; in memory, the first candidate's pruned layers wait beside the model while the second prunes it."""
+Order and costs: the paper's recipe goes first, in one pass over the layers, and the engine's Fisher pass and
+error curves ride on it (shares_pass): its Grams, taken for the paper's refit, give the engine's structured-OBS
+paths to the per-layer floor as well, before the refit uses them. The engine's candidate then solves its budget
+and cuts in one more pass. So the whole prune is the paper's recipe plus one Fisher pass, the paths and one cut
+pass, not two passes more (issue 29's time budget: at most 3x the paper's recipe). Its curves are thereby taken
+on the inputs the paper-pruned layers pass on rather than the dense model's: the Fisher, the allocation's
+yardstick, stays the dense model's, and the engine's own cut re-chooses on its own pruned prefix. Where the
+paper's recipe is not one pass (a mixture of experts) or the engine's criterion is neither `obs` nor the paper's
+`amp`, each candidate runs its own passes. Memory: streamed, each candidate writes its own shards (twice the
+output on disk for a while), one layer resident as ever; in memory, the first candidate's pruned layers wait
+beside the model while the second prunes it."""
 from __future__ import annotations
 
 import copy
@@ -39,17 +46,31 @@ def label(config: PruneConfig) -> str:
                                                                     and config.allocation != "uniform" else "")
 
 
-def choose(run_one, config: PruneConfig) -> tuple[str, dict, dict]:
-    """Runs `run_one(name, candidate config, dense_final)` -> prune_layers' result for the engine's candidate and
-    then the paper's, and returns (the kept name, its result, the selection entry for the report). A tie keeps the
-    engine's (fewer choices made by hand)."""
-    results, seconds = {}, {}
-    dense_final = None
-    for name, candidate in ((ENGINE, config), (PAPER, paper_config(config))):
-        start = time.perf_counter()
-        results[name] = run_one(name, candidate, dense_final)
-        seconds[name] = time.perf_counter() - start
-        dense_final = results[name]["dense_final"]
+ORDER = (PAPER, ENGINE)  # the first reads copies of an in-memory model's layers (api.InMemory)
+
+
+def shares_pass(config: PruneConfig, moe: bool) -> bool:
+    """Whether the engine's Fisher and curves can ride on the paper candidate's one pass: a dense model (the
+    paper's recipe prunes a mixture of experts in two passes) and a criterion the shared Grams serve (structured
+    OBS chooses from them; `amp` follows the paper's own scores)."""
+    return not moe and config.criterion in ("obs", "amp") and paper_config(config).single_pass
+
+
+def choose(run_one, config: PruneConfig, moe: bool = False) -> tuple[str, dict, dict]:
+    """Runs `run_one(name, candidate config, dense_final, side, observed)` -> prune_layers' result for the
+    paper's candidate (with the engine's config as `side` where shares_pass) and then the engine's (given what
+    the paper's pass observed for it), and returns (the kept name, its result, the selection entry for the
+    report). A tie keeps the engine's (fewer choices made by hand)."""
+    shared = shares_pass(config, moe)
+    start = time.perf_counter()
+    paper = run_one(PAPER, paper_config(config), None, config if shared else None, None)
+    seconds = {PAPER: time.perf_counter() - start}
+    start = time.perf_counter()
+    engine = run_one(ENGINE, config, paper["dense_final"], None, paper["observed"])
+    seconds[ENGINE] = time.perf_counter() - start
+    if engine["first_heldout_kl"] is not None:  # measured in the engine's run, on the same dense logits
+        paper["allocation"]["heldout_kl"] = engine["first_heldout_kl"]
+    results = {PAPER: paper, ENGINE: engine}
     kl = {name: r["allocation"]["heldout_kl"]["measured"] for name, r in results.items()}
     kept = PAPER if kl[PAPER] < kl[ENGINE] else ENGINE
     other = PAPER if kept == ENGINE else ENGINE
@@ -62,6 +83,9 @@ def choose(run_one, config: PruneConfig) -> tuple[str, dict, dict]:
         "candidates": {name: {"recipe": label(config if name == ENGINE else paper_config(config)),
                               "heldout_kl": kl[name], "seconds": round(seconds[name], 1)}
                        for name in (ENGINE, PAPER)},
+        "shared": ("the engine's Fisher pass and error curves were taken during the paper's pass, on its Grams "
+                   "(its seconds include them); the paper's held-back KL was measured in the engine's run, on the "
+                   "same dense logits (the engine's seconds include it)") if shared else None,
     }
     return kept, results[kept], entry
 

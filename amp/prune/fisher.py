@@ -89,22 +89,31 @@ class HeldOut:
             out = layer(self.store.get(b), *args, **kwargs)
             self.store.put(b, out[0] if isinstance(out, tuple) else out)
 
-    def kl(self) -> float:
+    def kl(self, others: tuple = ()) -> list[float]:
         """Mean over held-back tokens of KL(dense || pruned) of the next-token distributions, from the dense last
-        hidden states kept by the Fisher pass and the store's (the pruned model's). One sequence at a time: the
-        vocabulary-wide tensors of a whole batch (8 x 512 x 49k floats, 0.8 GB each on SmolLM2) would set the
-        process's peak memory."""
-        run, total = self.run, 0.0
+        hidden states kept by the Fisher pass and the store's (the pruned model's), then for each of `others`
+        (another candidate's last hidden states there, `final()`): the dense logits, the costliest part on a
+        large vocabulary, once for all. One sequence at a time: the vocabulary-wide tensors of a whole batch
+        (8 x 512 x 49k floats, 0.8 GB each on SmolLM2) would set the process's peak memory."""
+        run = self.run
+        finals = [[self.store.get(b) for b in range(len(self.store))], *others]
+        totals = [0.0] * len(finals)
         with run.source.embeddings(run.device, head=True):
             for b in range(len(self.store)):
-                dense_final, pruned_final = self.dense_final[b].to(run.device), self.store.get(b)
+                dense_final = self.dense_final[b].to(run.device)
                 for row in range(dense_final.shape[0]):
                     dense = torch.log_softmax(logits_of(run.model, dense_final[row]), -1)
-                    pruned = torch.log_softmax(logits_of(run.model, pruned_final[row]), -1)
-                    per_token = (dense.exp() * (dense - pruned)).sum(-1)
                     mask = self.masks[b][row] if self.masks[b] is not None else None
-                    total += float(per_token[mask].sum() if mask is not None else per_token.sum())
-        return total / max(self.tokens, 1)
+                    for i, final in enumerate(finals):
+                        pruned = torch.log_softmax(logits_of(run.model, final[b][row].to(run.device)), -1)
+                        per_token = (dense.exp() * (dense - pruned)).sum(-1)
+                        totals[i] += float(per_token[mask].sum() if mask is not None else per_token.sum())
+        return [t / max(self.tokens, 1) for t in totals]
+
+    def final(self) -> list[torch.Tensor]:
+        """The store's last hidden states (after a pass through the pruned layers), on the host, for another
+        candidate's kl() to measure beside its own."""
+        return [self.store.get(b).cpu() for b in range(len(self.store))]
 
     def close(self) -> None:
         if self.store is not None:

@@ -129,20 +129,22 @@ class PruneRun:
                 self.source.release_layer(index)
                 release_free_memory()  # the layer's temporaries go back to the system, not to the next layer
 
-    def path_request(self, index: int, cut: Cut | None = None, within=None, keep_gram: bool = False
-                     ) -> PathRequest | None:
+    def path_request(self, index: int, cut: Cut | None = None, within=None, keep_gram: bool = False,
+                     config: PruneConfig | None = None) -> PathRequest | None:
         """What the Gram-based paths of layer `index` must give (obs criterion, kl allocation): up to the cut, or
         to the per-layer floor when the allocation is still to be decided; `within`: the KV groups that stay;
-        `keep_gram`: a refit follows, so the Grams wait in the staging folder while the paths run."""
-        if not self.config.paths:
+        `keep_gram`: a refit follows, so the Grams wait in the staging folder while the paths run; `config`:
+        another candidate's (its criterion, heads and floor; default this run's)."""
+        config = config or self.config
+        if not config.paths:
             return None
-        g, query = self.geom, self.config.heads == "query"
-        floor = lambda n: n - max(1, math.ceil(self.config.min_keep * n - 1e-9))  # noqa: E731
+        g, query = self.geom, config.heads == "query"
+        floor = lambda n: n - max(1, math.ceil(config.min_keep * n - 1e-9))  # noqa: E731
         attention_units = g.num_heads if query and g.is_gqa else g.num_kv_heads
         attention = floor(attention_units) if cut is None else cut.attention
         neurons = 0 if self.moe_layers[index] else (floor(g.intermediate) if cut is None else cut.neurons)
-        return PathRequest(choose=self.config.criterion == "obs", query=query, attention=attention, neurons=neurons,
-                           refit=self.refit, damp=self.config.damp, bias=self.bias and self.refit,
+        return PathRequest(choose=config.criterion == "obs", query=query, attention=attention, neurons=neurons,
+                           refit=self.refit, damp=config.damp, bias=self.bias and self.refit,
                            fisher=self.fisher[index] if self.fisher is not None else None,
                            within_kv=within if query and g.is_gqa else None, keep_gram=keep_gram,
                            staging=self.staging)
@@ -168,11 +170,13 @@ class PruneRun:
             self.dense_store.put(b, self.store.get(b))
 
     def observe(self, index: int, layer, sensitivity=None, gram: bool = False, dense: bool = True,
-                paths: bool = False, cut: Cut | None = None, within=None) -> Observation:
+                paths: bool = False, cut: Cut | None = None, within=None, side: PruneConfig | None = None
+                ) -> Observation:
         """Scores (and what compensation needs) of resident layer `index`. `dense`: the store moves on to the
         layer's dense outputs; a sequential prune passes False and moves it on after the cut (`propagate`).
         `paths`: observe through the Gram-based paths (obs, kl) up to `cut` (default: to the floor), keeping the
-        KV groups `within`."""
+        KV groups `within`. `side`: another candidate's config, whose paths to the floor (with this run's Fisher)
+        are taken on the same Grams into the observation's `side` (candidates.py)."""
         if sensitivity is not None and self.moe_layers[index]:
             sensitivity = {**sensitivity, "moe": {"mode": self.config.moe, "min_keep": self.config.min_keep,
                                                   "config": self.model.config,
@@ -188,7 +192,9 @@ class PruneRun:
                                  means=self.bias and not self.refit,  # bias+refit: the Gram's affine fit
                                  moe=self.moe_layers[index],
                                  paths=self.path_request(index, cut, within, keep_gram=gram) if paths else None,
-                                 dense_store=self.dense_store if gram and not self.moe_layers[index] else None)
+                                 dense_store=self.dense_store if gram and not self.moe_layers[index] else None,
+                                 side_paths=None if side is None else self.path_request(index, keep_gram=gram,
+                                                                                        config=side))
 
     def decide_refit(self, tokens: int) -> str | None:
         """--compensate auto: a refit when every refit projection gets enough calibration tokens per input

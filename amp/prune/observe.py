@@ -42,6 +42,7 @@ class Observation:
     expert_tokens: torch.Tensor | None = None          # (E,)
     moe_error: dict[int, float] = field(default_factory=dict)  # position on the removal path -> relative change
     expert_paths: object = None          # experts.ExpertPaths: measured costs of the MoE removal path (obs / kl)
+    side: "Observation | None" = None    # another candidate's paths on this layer's Grams (observe_layer side_paths)
     o_target: object = None              # compensate.DenseTarget of a dense-target refit (with the Grams)
     down_target: object = None
 
@@ -139,7 +140,7 @@ def _measure_moe(layer, spec: ArchSpec, geom: Geometry, batches, reference, obs:
 def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_args, masks, hidden_act,
                   generator, token_mask: TokenMask, sensitivity: dict | None = None, gram: bool = False,
                   propagate: bool = True, means: bool = False, moe: bool = False, paths=None,
-                  dense_store=None) -> Observation:
+                  dense_store=None, side_paths=None) -> Observation:
     """Statistics and scores of one resident layer; with `propagate` the store's batches become the layer's
     (dense) outputs (a sequential prune propagates the pruned layer's outputs itself, after the cut).
     `sensitivity`: {"unit", "attention_max", "mlp_max"} to measure output-change curves as well;
@@ -149,7 +150,10 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_ar
     `paths` (obs.PathRequest): structured OBS chooses the structures (criterion obs) and/or the blocks' error
     curves are computed from the Gram matrices (the KL allocation); they are dropped after unless `gram`.
     `dense_store`: the DENSE model's inputs of this layer (a dense-target refit, compensate.DenseTarget): each
-    batch runs on them first, and the store moves on to the dense outputs."""
+    batch runs on them first, and the store moves on to the dense outputs.
+    `side_paths` (obs.PathRequest, a dense MLP): another candidate's paths and curves on the same Grams, into
+    `obs.side` (the kl candidate's, during the paper candidate's pass: prune/candidates.py); along this
+    observation's scores unless that request chooses."""
     kept_inputs = []
     stats = None
     if config.needs_calibration:
@@ -157,8 +161,9 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_ar
         moments = config.criterion in MOMENT_CRITERIA or means
         # a refit solves with the Grams (fp64); without one they only rank structures (fp32: half the memory,
         # the larger half of what a streamed default prune holds at its peak)
-        refit = gram or (paths is not None and paths.refit)
-        with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments, gram or paths is not None, moe,
+        refit = gram or any(p is not None and p.refit for p in (paths, side_paths))
+        grams = gram or paths is not None or side_paths is not None
+        with statistics_hooks(layer, spec, geom, token_mask, hidden_act, moments, grams, moe,
                               expert_grams=paths is not None and moe,
                               gram_dtype=torch.float64 if refit else torch.float32,
                               scores=config.criterion != "obs", dense_target=dense_store is not None) as stats:
@@ -181,6 +186,10 @@ def observe_layer(layer, spec: ArchSpec, geom: Geometry, config, store, layer_ar
     head_s, neuron_s = (None, torch.zeros(0) if moe else None) if chosen else \
         criteria.scores(config.criterion, layer, spec, geom, stats, generator, moe)
     obs = Observation(head_s, neuron_s)
+    if side_paths is not None:  # first: its request keeps the Grams for what follows
+        given = (None, None) if side_paths.choose else (head_s, neuron_s)
+        heads, neurons, attention, mlp = obs_paths.layer_paths(layer, spec, geom, stats, side_paths, *given)
+        obs.side = Observation(heads, neurons, attention_error=attention, mlp_error=mlp)
     if paths is not None:
         obs.head_scores, obs.neuron_scores, obs.attention_error, obs.mlp_error = obs_paths.layer_paths(
             layer, spec, geom, stats, paths, head_s, neuron_s)

@@ -32,14 +32,19 @@ from .layer_run import PruneRun
 def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tensor] | None = None,
                  pad_id: int = 0, timer: PhaseTimer | None = None, progress: bool = True, staging=None,
                  probe=None, held_out: list[torch.Tensor] | None = None, measure: bool = False,
-                 dense_final: list[torch.Tensor] | None = None) -> dict:
+                 dense_final: list[torch.Tensor] | None = None, side: PruneConfig | None = None,
+                 observed: tuple | None = None) -> dict:
     """Prunes every layer of `source` into `sink`; returns the keep sets, the plan and how it ran (the report's
     core). Uniform allocation of whole KV groups is one pass (every shape is known up front); any other
     allocation or single query heads observe every layer first, decide, then prune in a second pass.
     `staging`: a folder for disk-offloaded activations; `probe(event)`: called while a layer is resident;
     `held_out`: the windows the KL allocation measures on (default: the last --holdout calibration samples);
     `measure`: measure the held-out divergence whatever the allocation (a candidate of --allocation auto), against
-    `dense_final` (the dense model's last hidden states there, from an earlier candidate) when given."""
+    `dense_final` (the dense model's last hidden states there, from an earlier candidate) when given.
+    `side`: another candidate's config (the kl candidate of --allocation auto, candidates.py) whose Fisher pass
+    and error curves ride on this one-pass prune, on its Grams: the result's `observed` then holds them (and its
+    `dense_final` the dense states); `observed`: such a result, given to that candidate, which then skips its
+    own Fisher and observing passes."""
     run = PruneRun(source, config, timer or PhaseTimer(config.device), progress, probe)
     model, geom, spec = run.model, run.geom, run.spec
     layers = source.layers
@@ -67,12 +72,20 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
         notes.append(note)
     kept, allocation = [], {"method": "uniform", "heads": "group", **the_plan.rounding}
     try:
-        if measure and config.allocation != "kl":  # the kl allocation's Fisher pass keeps the dense states
+        if side is not None:  # the other candidate's Fisher pass, which keeps the dense states here as well
+            if not (config.single_pass and spec.moe is None and measure):
+                raise AmpError("internal: another candidate's curves ride on a measured one-pass prune only")
+            run.held = HeldOut(run, held_out)
+            with run.passes.phase("fisher"):
+                _yardstick(run, side)
+            dense_final = run.held.dense_final
+        elif measure and config.allocation != "kl":  # the kl allocation's Fisher pass keeps the dense states
             with run.passes.phase("divergence"):
                 run.held = HeldOut(run, held_out)
                 if dense_final is None:
                     dense_final = run.held.dense_pass()
                 run.held.dense_final = dense_final
+        side_observations, held_final, first = [], None, None
         if config.single_pass and spec.moe is None:  # a MoE layer's shape depends on its scores: two passes
             keep_kv = geom.num_kv_heads - the_plan.attn_units_removed
             target = target_config(model.config, keep_kv * geom.group_size, keep_kv,
@@ -86,12 +99,19 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
                 for index, layer in run.layers(f"pruning ({config.criterion})"):
                     cut = Cut(the_plan.attn_units_removed, the_plan.neurons_removed)
                     obs = run.observe(index, layer, gram=run.refit, dense=not config.sequential,
-                                      paths=config.criterion == "obs", cut=cut)
+                                      paths=config.criterion == "obs", cut=cut, side=side)
+                    if side is not None:
+                        side_observations.append(obs.side)
+                        obs.side = None
                     kept.append(run.cut(index, layer, obs, sink, cut))
-            if run.held is not None:
+            if side is not None:  # measured beside the other candidate's, on the same dense logits
+                held_final = run.held.final()
+            elif run.held is not None:
                 allocation["heldout_kl"] = _divergence(run, {})
         else:
-            target, kept, allocation = _two_passes(run, sink, the_plan, held_out)
+            target, kept, allocation = _two_passes(run, sink, the_plan, held_out, dense_final, observed)
+            if observed is not None:  # the first candidate's divergence, beside this one's
+                allocation["heldout_kl"], first = _divergence(run, allocation, observed[2])
         dense_final = run.held.dense_final if run.held is not None else None
     finally:
         if run.store is not None:
@@ -122,13 +142,28 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
             "offload": run.offload, "compute_dtype": dtype_name(run.dtype),
             "compute_dtype_why": run.dtype_why, "storage_dtype": dtype_name(source.storage_dtype),
             "allocation": allocation, "target_config": target, "dense_final": dense_final,
+            "observed": (side_observations, run.fisher, held_final) if side is not None else None,
+            "first_heldout_kl": first,
             "memory": {"passes": run.passes.report(), **run.kept_state}}
 
 
-def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
+def _yardstick(run: PruneRun, config: PruneConfig) -> None:
+    """The KL allocation's Fisher (run.fisher), taken on the last --holdout calibration windows, never on the
+    held-back ones: the allocation is fitted to the windows its Fisher saw, so a divergence measured there would
+    favour it in --allocation auto's choice. The held-back windows (run.held) go through the same forward pass,
+    dense, for the divergence after the prune."""
+    yardstick = HeldOut(run, run.calibration[-config.holdout:])
+    try:
+        run.fisher = fisher_pass(run, yardstick, config.seed, measured=run.held)
+    finally:
+        yardstick.close()
+
+
+def _two_passes(run: PruneRun, sink, the_plan, held_out=None, dense_final=None, observed=None):
     """Observe every layer (scores, and output-change curves for the sensitivity allocation, or Gram-based error
     curves weighted by the output Fisher for the KL allocation), allocate the budget over layers, then read each
-    layer again and cut it."""
+    layer again and cut it. `observed`: the (observations, Fisher) another candidate's pass took for this one
+    (prune_layers' `side`), with the dense states on the held-back windows in `dense_final`."""
     config, geom = run.config, run.geom
     query = config.heads == "query"
     layers = run.source.layers
@@ -141,21 +176,18 @@ def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
         sensitivity = {"unit": "query" if query and geom.is_gqa else "group",
                        "attention_max": floor(geom.num_heads if query and geom.is_gqa else geom.num_kv_heads),
                        "mlp_max": floor(geom.intermediate)}
-    if config.allocation == "kl":  # the yardstick first: two reads of every layer over calibration windows
-        with run.passes.phase("fisher"):
-            # The Fisher is taken on the last --holdout calibration windows, never on the held-back ones: the
-            # allocation is fitted to the windows its Fisher saw, so a divergence measured there would favour it
-            # in --allocation auto's choice. The held-back windows go through the same forward pass, dense, for
-            # the divergence after the prune.
-            yardstick = HeldOut(run, run.calibration[-config.holdout:])
+    if observed is not None:
+        observations, run.fisher, _ = observed
+        run.held = HeldOut(run, held_out)
+        run.held.dense_final = dense_final
+    else:
+        if config.allocation == "kl":  # the yardstick first: two reads of every layer over calibration windows
             run.held = HeldOut(run, held_out)
-            try:
-                run.fisher = fisher_pass(run, yardstick, config.seed, measured=run.held)
-            finally:
-                yardstick.close()
-    with run.passes.phase("curves"):
-        observations = [run.observe(index, layer, sensitivity, paths=config.paths)
-                        for index, layer in run.layers("observing")]
+            with run.passes.phase("fisher"):
+                _yardstick(run, config)
+        with run.passes.phase("curves"):
+            observations = [run.observe(index, layer, sensitivity, paths=config.paths)
+                            for index, layer in run.layers("observing")]
     run.kept_state = kept_state(observations, run.fisher)
     uniform_groups = config.allocation == "uniform" and not query and run.spec.moe is None
     budget = the_plan.params_removed_per_layer * len(observations) if uniform_groups \
@@ -189,16 +221,20 @@ def _two_passes(run: PruneRun, sink, the_plan, held_out=None):
         for shape, entry in zip(shapes, kept):
             shape["head_map"] = entry["head_map"]
         target = per_layer.per_layer_config(base, shapes)
-    if run.held is not None:
+    if run.held is not None and observed is None:  # else prune_layers measures it beside the first candidate's
         inputs["heldout_kl"] = _divergence(run, inputs)
     return target, kept, {**inputs, "heads": config.heads}
 
 
-def _divergence(run: PruneRun, inputs: dict) -> dict:
-    """The pruned model's KL from the dense one over the held-back windows (and what the allocation predicted)."""
+def _divergence(run: PruneRun, inputs: dict, first=None):
+    """The pruned model's KL from the dense one over the held-back windows (and what the allocation predicted);
+    with `first` (another candidate's last hidden states there): (this one's, that one's), on the same dense
+    logits."""
     with run.timer.phase("calibrate"), run.passes.phase("divergence"):
-        return {"measured": float(f"{run.held.kl():.4g}"), "predicted": inputs.get("predicted_kl_total"),
-                "samples": len(run.held.samples), "tokens": run.held.tokens}
+        measured = run.held.kl(() if first is None else (first,))
+    entries = [{"measured": float(f"{kl:.4g}"), "predicted": inputs.get("predicted_kl_total") if i == 0 else None,
+                "samples": len(run.held.samples), "tokens": run.held.tokens} for i, kl in enumerate(measured)]
+    return entries[0] if first is None else tuple(entries)
 
 
 def _cut_one(run: PruneRun, index: int, layer, observations: list, removed: list, kept_kv: list, again: bool,
