@@ -71,6 +71,10 @@ def choose(run_one, config: PruneConfig, moe: bool = False) -> tuple[str, dict, 
     if engine["first_heldout_kl"] is not None:  # measured in the engine's run, on the same dense logits
         paper["allocation"]["heldout_kl"] = engine["first_heldout_kl"]
     results = {PAPER: paper, ENGINE: engine}
+    for name, other in ((PAPER, ENGINE), (ENGINE, PAPER)):  # the report's peak by pass covers both prunes
+        own, theirs = results[name]["memory"]["passes"], results[other]["memory"]["passes"]
+        merged = {(f"{other} {k}" if k in own else k): v for k, v in theirs.items()}
+        results[name]["memory"]["passes"] = {**own, **merged}
     kl = {name: r["allocation"]["heldout_kl"]["measured"] for name, r in results.items()}
     kept = PAPER if kl[PAPER] < kl[ENGINE] else ENGINE
     other = PAPER if kept == ENGINE else ENGINE

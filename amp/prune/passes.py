@@ -92,7 +92,7 @@ def prune_layers(source, sink, config: PruneConfig, calibration: list[torch.Tens
                                    geom.intermediate - the_plan.neurons_removed, geom.head_dim, run.config_biases)
             with run.timer.phase("write"):
                 sink.begin(target)
-            with run.passes.phase("cut"):
+            with run.passes.phase("cut" if side is None else "cut + curves"):
                 if run.held is not None:
                     run.held.capture()
                 run.start_dense_target()
