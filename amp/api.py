@@ -52,19 +52,20 @@ class InMemory:
 
     def __init__(self, model):
         self.model = model
-        self.waiting = None
+        self.waiting, self.first = None, None  # the first candidate opened reads copies
         self.params_before = allocate.total_params(model)
         self.moe = spec_for(model).moe is not None
 
     def open(self, name: str | None):
-        if name == candidates.ORDER[0]:
+        if name is not None and self.first is None:
+            self.first = name
             source = ModelSource(self.model)
             self.waiting = candidates.LayersSink(self.model, source.storage_dtype)
             return candidates.CopySource(source), self.waiting
         return ModelSource(self.model), ModelSink(self.model)
 
     def keep(self, name: str) -> None:
-        if name == candidates.ORDER[0]:
+        if name == self.first:
             self.waiting.adopt(ModelSink(self.model))
         self.waiting = None
 

@@ -13,8 +13,9 @@ pass, not two passes more (issue 29's time budget: at most 3x the paper's recipe
 on the inputs the paper-pruned layers pass on rather than the dense model's: the Fisher, the allocation's
 yardstick, stays the dense model's, and the engine's own cut re-chooses on its own pruned prefix. Where the
 paper's recipe is not one pass (a mixture of experts) or the engine's criterion is neither `obs` nor the paper's
-`amp`, each candidate runs its own passes. Memory: streamed, each candidate writes its own shards (twice the
-output on disk for a while), one layer resident as ever; in memory, the first candidate's pruned layers wait
+`amp`, each candidate runs its own passes, the engine's first (its Fisher pass keeps the dense states the
+paper's reuses). Memory: streamed, each candidate writes its own shards (twice the output on disk for a while),
+one layer resident as ever; in memory, the first candidate's pruned layers wait
 beside the model while the second prunes it."""
 from __future__ import annotations
 
@@ -46,9 +47,6 @@ def label(config: PruneConfig) -> str:
                                                                     and config.allocation != "uniform" else "")
 
 
-ORDER = (PAPER, ENGINE)  # the first reads copies of an in-memory model's layers (api.InMemory)
-
-
 def shares_pass(config: PruneConfig, moe: bool) -> bool:
     """Whether the engine's Fisher and curves can ride on the paper candidate's one pass: a dense model (the
     paper's recipe prunes a mixture of experts in two passes) and a criterion the shared Grams serve (structured
@@ -59,18 +57,22 @@ def shares_pass(config: PruneConfig, moe: bool) -> bool:
 def choose(run_one, config: PruneConfig, moe: bool = False) -> tuple[str, dict, dict]:
     """Runs `run_one(name, candidate config, dense_final, side, observed)` -> prune_layers' result for the
     paper's candidate (with the engine's config as `side` where shares_pass) and then the engine's (given what
-    the paper's pass observed for it), and returns (the kept name, its result, the selection entry for the
-    report). A tie keeps the engine's (fewer choices made by hand)."""
+    the paper's pass observed for it); unshared, the engine's and then the paper's. Returns (the kept name, its
+    result, the selection entry for the report). A tie keeps the engine's (fewer choices made by hand)."""
     shared = shares_pass(config, moe)
-    start = time.perf_counter()
-    paper = run_one(PAPER, paper_config(config), None, config if shared else None, None)
-    seconds = {PAPER: time.perf_counter() - start}
-    start = time.perf_counter()
-    engine = run_one(ENGINE, config, paper["dense_final"], None, paper["observed"])
-    seconds[ENGINE] = time.perf_counter() - start
+    # unshared, the engine goes first: its Fisher pass keeps the dense states the paper's then reuses (the paper
+    # first would read every layer once more for them)
+    order = (PAPER, ENGINE) if shared else (ENGINE, PAPER)
+    results, seconds, dense_final, observed = {}, {}, None, None
+    for name in order:
+        start = time.perf_counter()
+        results[name] = run_one(name, config if name == ENGINE else paper_config(config), dense_final,
+                                config if shared and name == PAPER else None, observed)
+        seconds[name] = time.perf_counter() - start
+        dense_final, observed = results[name]["dense_final"], results[name]["observed"]
+    paper, engine = results[PAPER], results[ENGINE]
     if engine["first_heldout_kl"] is not None:  # measured in the engine's run, on the same dense logits
         paper["allocation"]["heldout_kl"] = engine["first_heldout_kl"]
-    results = {PAPER: paper, ENGINE: engine}
     for name, other in ((PAPER, ENGINE), (ENGINE, PAPER)):  # the report's peak by pass covers both prunes
         own, theirs = results[name]["memory"]["passes"], results[other]["memory"]["passes"]
         merged = {(f"{other} {k}" if k in own else k): v for k, v in theirs.items()}
