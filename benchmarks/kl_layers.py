@@ -25,21 +25,8 @@ from contextlib import contextmanager
 
 import torch
 
+from amp.quality.divergence import log_probs, mean_kl
 from benchmarks.harness import record
-
-
-@torch.no_grad()
-def _log_probs(model, window: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities of one window (1 x tokens x vocabulary)."""
-    return torch.log_softmax(model(window[None]).logits.float(), -1)
-
-
-def _held_kl(model, held: torch.Tensor, dense_logp: list[torch.Tensor]) -> float:
-    """Mean over held-back tokens of KL(dense || model), one window at a time."""
-    total = 0.0
-    for window, dense in zip(held, dense_logp):
-        total += float((dense.exp() * (dense - _log_probs(model, window))).sum(-1).mean())
-    return total / len(held)
 
 
 @contextmanager
@@ -83,7 +70,7 @@ def main():
     dense.eval()
     calib = amp.load_calibration(tokenizer, "c4", args.nsamples, 512, 0, data_dir, holdout=8)
     held = torch.stack(calib.held_out)
-    dense_logp = [_log_probs(dense, window) for window in held]
+    dense_logp = [log_probs(dense, window) for window in held]
     wiki = tokenize_text(tokenizer, corpus_text("wikitext2", data_dir))
     n_layers = len(dense.model.layers)
 
@@ -98,7 +85,7 @@ def main():
         hybrid, accumulated = copy.deepcopy(dense), [0.0]
         for layer in range(n_layers):
             hybrid.model.layers[layer] = model.model.layers[layer]
-            accumulated.append(_held_kl(hybrid, held, dense_logp))
+            accumulated.append(mean_kl(hybrid, held, dense_logp))
             print(f"round {round_}: layers 0..{layer} pruned: KL {accumulated[-1]:.4f}", flush=True)
         increments = [accumulated[i + 1] - accumulated[i] for i in range(n_layers)]
         ppl = perplexity(model, wiki, args.ppl_seqlen, args.ppl_windows, prefix=text_prefix(tokenizer))["perplexity"]

@@ -8,7 +8,8 @@ import torch
 
 import amp
 from amp.prune import budget
-from benchmarks.kl_layers import _held_kl, _log_probs, _scaled_curves
+from amp.quality.divergence import log_probs, mean_kl
+from benchmarks.kl_layers import _scaled_curves
 from conftest import random_calibration
 from tiny_models import make_tiny
 
@@ -40,10 +41,10 @@ def test_held_kl_is_zero_for_dense_and_the_engines_figure_for_the_pruned_model()
     dense = make_tiny("llama_gqa").eval()
     held = random_calibration(n=3, lo=12, hi=13, seed=7)  # windows of one length, as the benchmark's
     windows = torch.stack(held)
-    dense_logp = [_log_probs(dense, window) for window in windows]
-    assert _held_kl(dense, windows, dense_logp) == pytest.approx(0.0, abs=1e-6)
+    dense_logp = [log_probs(dense, window) for window in windows]
+    assert mean_kl(dense, windows, dense_logp) == pytest.approx(0.0, abs=1e-6)
     pruned = copy.deepcopy(dense)
     report = _prune(pruned, held)
     measured = report["allocation"]["heldout_kl"]["measured"]
     assert measured > 0
-    assert _held_kl(pruned, windows, dense_logp) == pytest.approx(measured, rel=2e-3)
+    assert mean_kl(pruned, windows, dense_logp) == pytest.approx(measured, rel=2e-3)

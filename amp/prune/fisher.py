@@ -103,10 +103,11 @@ class HeldOut:
                 dense_final = self.dense_final[b].to(run.device)
                 for row in range(dense_final.shape[0]):
                     dense = torch.log_softmax(logits_of(run.model, dense_final[row]), -1)
+                    probs = dense.exp()
                     mask = self.masks[b][row] if self.masks[b] is not None else None
                     for i, final in enumerate(finals):
                         pruned = torch.log_softmax(logits_of(run.model, final[b][row].to(run.device)), -1)
-                        per_token = (dense.exp() * (dense - pruned)).sum(-1)
+                        per_token = (probs * (dense - pruned)).sum(-1)
                         totals[i] += float(per_token[mask].sum() if mask is not None else per_token.sum())
         return [t / max(self.tokens, 1) for t in totals]
 

@@ -32,17 +32,6 @@ RECIPES = {
 }
 
 
-@torch.no_grad()
-def held_kl(dense_logp: list[torch.Tensor], model, held: list[torch.Tensor]) -> float:
-    """Mean over held-back tokens of KL(dense || model), one window at a time."""
-    total = tokens = 0
-    for window, dense in zip(held, dense_logp):
-        logp = torch.log_softmax(model(window[None]).logits.float(), -1)
-        total += float((dense.exp() * (dense - logp)).sum(-1).sum())
-        tokens += window.numel()
-    return total / tokens
-
-
 CALIBRATION = ("c4", 64, 512)  # corpus, windows, tokens per window: every row's calibration (8 more held back)
 C4_UNSEEN = (1024, 16)  # seqlen, windows of C4 perplexity on documents the calibration never read
 
@@ -63,6 +52,7 @@ def run(job: dict) -> dict:
     from amp.io.calibration import default_data_dir
     from amp.io.models import resolve_model
     from amp.prune.allocate import total_params
+    from amp.quality.divergence import log_probs, mean_kl
     from amp.quality.evaluate import evaluate_model
     from amp.quality.perplexity import corpus_text
     from benchmarks import zoo
@@ -73,7 +63,7 @@ def run(job: dict) -> dict:
     calibration = tuple(job.get("calibration") or CALIBRATION)
     calib = amp.load_calibration(tokenizer, *calibration, 0, data_dir, holdout=8)
     with torch.no_grad():
-        dense_logp = [torch.log_softmax(model(w[None]).logits.float(), -1) for w in calib.held_out]
+        dense_logp = [log_probs(model, w) for w in calib.held_out]
     out = {"model": job["model"], "ratio": job["ratio"], "recipe": job["recipe"]}
     if calibration != CALIBRATION:
         out["calibration"] = list(calibration)
@@ -108,7 +98,7 @@ def run(job: dict) -> dict:
     out["params"] = total_params(model)
     out["ratio_achieved"] = round((total - out["params"]) / total, 5)
     if recipe != "dense":
-        out["heldout_kl"] = round(held_kl(dense_logp, model, calib.held_out), 5)
+        out["heldout_kl"] = round(mean_kl(model, calib.held_out, dense_logp), 5)
     texts = {"wikitext2": corpus_text("wikitext2", data_dir)}
     out["perplexity"] = {}
     for seqlen, windows in job["ppl"]:
