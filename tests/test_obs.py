@@ -66,6 +66,27 @@ def test_batched_steps_keep_exact_cumulative_errors_and_row_weights_are_a_metric
     assert weighted.order == scaled.order and weighted.errors == pytest.approx(scaled.errors)
 
 
+def test_shrinking_to_the_live_columns_keeps_the_greedy_path_and_the_storage(monkeypatch):
+    """Once a fifth of the columns are gone the path works on the live ones only, in the same storage: the
+    shrink is the plain gather (in blocks of a few rows here, so that a block's writes must not clobber the rows a
+    later block reads), and every step to the floor is still the least-error next removal."""
+    from amp.prune import obs
+    monkeypatch.setattr(obs, "SPILL_ROWS", 3)
+    g = torch.Generator().manual_seed(5)
+    m = torch.randn(37, 37, generator=g, dtype=torch.float64)
+    rows, cols = torch.tensor([0, 2, 3, 9, 10, 20, 36]), torch.tensor([1, 2, 5, 6, 7, 30])
+    expected, storage = m[rows][:, cols].clone(), m.data_ptr()
+    shrunk = obs._shrink(m, rows, cols)
+    assert torch.equal(shrunk, expected) and shrunk.data_ptr() == storage
+    w, h = _layer(n=16, seed=2)
+    path = refit_path(w, h, 1, 15)
+    for k in range(15):
+        rest = [c for c in range(16) if c not in path.order[:k]]
+        best = min(rest, key=lambda c: _refit_error(w, h, path.order[:k] + [c]))
+        assert path.order[k] == best
+        assert path.errors[k + 1] == pytest.approx(_refit_error(w, h, path.order[:k + 1]), rel=1e-7)
+
+
 def test_forced_and_protected_groups():
     w, h = _layer(n=12)
     families = torch.arange(6) // 2                  # 6 heads of width 2 in 3 groups of 2

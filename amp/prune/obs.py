@@ -104,11 +104,13 @@ def refit_path(weight: torch.Tensor, h: torch.Tensor, width: int, count: int, *,
     `groups`: how many groups the leading columns form (default: all columns; more columns are never removed);
     `consume`: `h` (fp64) becomes H^-1 in place (the caller no longer needs it), else it is copied first."""
     dev = h.device
-    w = weight.detach().to(dev, torch.float64, copy=True)  # updated in place below
+    # W^T (n, out), one contiguous row per column: a step reads every column's norm, which along W's rows
+    # would be a strided reduction; updated in place below
+    wt = weight.detach().T.to(dev, torch.float64, memory_format=torch.contiguous_format, copy=True)
     if row_weights is not None:
-        w = w * row_weights.to(dev, torch.float64).clamp_min(0).sqrt()[:, None]
-    hinv = _inverse(h if consume and h.dtype == torch.float64 else h.double().clone())
-    groups = groups or w.shape[1] // width
+        wt.mul_(row_weights.to(dev, torch.float64).clamp_min(0).sqrt()[None, :])
+    live = _LiveColumns(wt, _inverse(h if consume and h.dtype == torch.float64 else h.double().clone()))
+    groups = groups or wt.shape[0] // width
     alive = torch.ones(groups, dtype=torch.bool, device=dev)
     forced = [int(g) for g in forced]
     queue = [int(g) for g in order if int(g) not in forced] if order is not None else []
@@ -125,15 +127,14 @@ def refit_path(weight: torch.Tensor, h: torch.Tensor, width: int, count: int, *,
             candidates = _allowed(alive, families, protect).nonzero().flatten()
             if len(candidates) == 0:
                 break
-            cost = _group_costs(w, hinv, candidates, width)
+            cost = _group_costs(live.wt, live.hinv, live.at[_cols(candidates, width)], width)
             m = min(step, count - len(out_order), len(candidates))
             if families is not None and protect is not None:
                 m = 1  # one at a time where a removal can change what may go next
             best = torch.topk(cost, m, largest=False).indices
             chosen = candidates[best].tolist()
             own = cost[best].cpu()
-        cols = _cols(torch.tensor(chosen, device=dev), width)
-        err = _remove(w, hinv, cols)
+        err = live.remove(_cols(torch.tensor(chosen, device=dev), width))
         alive[torch.tensor(chosen, device=dev)] = False
         share = own.clamp_min(0)
         share = share / share.sum() if float(share.sum()) > 0 else torch.full_like(share, 1 / len(share))
@@ -143,29 +144,72 @@ def refit_path(weight: torch.Tensor, h: torch.Tensor, width: int, count: int, *,
     return Path(out_order, errors, step)
 
 
-def _group_costs(w: torch.Tensor, hinv: torch.Tensor, candidates: torch.Tensor, width: int) -> torch.Tensor:
-    """E(group) = tr(W_g ([H^-1]_gg)^-1 W_g^T) for every candidate group."""
+class _LiveColumns:
+    """W^T and H^-1 over the columns not yet removed. Every removal updates all of H^-1, so a path to the floor
+    would touch n^2 entries per step to the end; once a fifth of the columns are gone both matrices are shrunk to
+    the live ones, in their own storage (the path holds no second matrix of the Gram's size), and a step's cost
+    falls with the columns left. `at`: an original column's index in the shrunk matrices."""
+    SHRINK_AT = 0.8
+
+    def __init__(self, wt: torch.Tensor, hinv: torch.Tensor):
+        self.wt, self.hinv = wt, hinv
+        n, dev = hinv.shape[0], hinv.device
+        self.columns = torch.arange(n, device=dev)   # original index of each live column
+        self.at = torch.arange(n, device=dev)        # live index of each original column (-1: gone)
+        self.dead = torch.zeros(n, dtype=torch.bool, device=dev)  # removed, still in the matrices
+
+    def remove(self, cols: torch.Tensor) -> float:
+        """Removes original columns `cols` jointly (_remove); returns their error."""
+        local = self.at[cols]
+        err = _remove(self.wt, self.hinv, local)
+        self.dead[local] = True
+        self.at[cols] = -1
+        if int(self.dead.sum()) >= (1 - self.SHRINK_AT) * len(self.dead):
+            index = (~self.dead).nonzero().flatten()
+            self.columns = self.columns[index]
+            self.hinv = _shrink(self.hinv, index, index)
+            self.wt = _shrink(self.wt, index, torch.arange(self.wt.shape[1], device=index.device))
+            self.at[self.columns] = torch.arange(len(index), device=index.device)
+            self.dead = torch.zeros(len(index), dtype=torch.bool, device=index.device)
+        return err
+
+
+def _shrink(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """matrix[rows][:, cols] (sorted indices) written into the head of matrix's own storage, SPILL_ROWS rows at a
+    time: new row i lands before old row rows[i] >= i begins, and before any row a later block reads."""
+    if not matrix.is_contiguous():
+        return matrix[rows[:, None], cols[None, :]]
+    k = len(cols)
+    flat = matrix.view(-1)
+    for start in range(0, len(rows), SPILL_ROWS):
+        block = matrix[rows[start:start + SPILL_ROWS, None], cols[None, :]]
+        flat[start * k:start * k + block.numel()] = block.reshape(-1)
+    return flat[:len(rows) * k].view(len(rows), k)
+
+
+def _group_costs(wt: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:
+    """E(group) = tr(W_g ([H^-1]_gg)^-1 W_g^T) for every candidate group, given W^T and the groups' columns in
+    order."""
     if width == 1:
-        d = torch.diagonal(hinv)[candidates].clamp_min(1e-30)
-        return torch.linalg.vector_norm(w, dim=0)[candidates].square() / d  # no out x n temporary
-    cols = _cols(candidates, width).view(len(candidates), width)
+        d = torch.diagonal(hinv)[cols].clamp_min(1e-30)
+        return torch.linalg.vector_norm(wt, dim=1)[cols].square() / d  # no n x out temporary
+    cols = cols.view(-1, width)
     blocks = hinv[cols[:, :, None], cols[:, None, :]]                      # (g, width, width)
     inv = torch.linalg.inv(blocks)
-    wg = w[:, cols]                                                        # (out, g, width)
-    return torch.einsum("oga,gab,ogb->g", wg, inv, wg)
+    wg = wt[cols]                                                          # (g, width, out)
+    return torch.einsum("gao,gab,gbo->g", wg, inv, wg)
 
 
-def _remove(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> float:
-    """Removes columns `cols` jointly: returns their error and updates the kept columns and H^-1 in place (the
-    removed rows and columns of H^-1 become those of the identity, so that they never count again)."""
-    block = hinv[cols][:, cols]
-    inv = torch.linalg.inv(block)
-    wc = w[:, cols]
-    err = float(torch.einsum("oa,ab,ob->", wc, inv, wc))
+def _remove(wt: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> float:
+    """Removes columns `cols` jointly: returns their error and updates the kept columns (rows of W^T) and H^-1 in
+    place (the removed rows and columns of H^-1 become those of the identity, so that they never count again)."""
     rows = hinv[cols]                                                      # (c, n)
-    w.addmm_(wc @ inv, rows, alpha=-1.0)
+    inv = torch.linalg.inv(rows[:, cols])
+    wc = wt[cols]                                                          # (c, out)
+    err = float(((inv @ wc) * wc).sum())
+    wt.addmm_(rows.T, inv @ wc, alpha=-1.0)
     hinv.addmm_(rows.T, inv @ rows, alpha=-1.0)
-    w.index_fill_(1, cols, 0.0)
+    wt.index_fill_(0, cols, 0.0)
     hinv.index_fill_(0, cols, 0.0)
     hinv.index_fill_(1, cols, 0.0)
     hinv[cols, cols] = 1.0
