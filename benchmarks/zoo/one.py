@@ -62,8 +62,7 @@ def run(job: dict) -> dict:
     total = total_params(model)
     calibration = tuple(job.get("calibration") or CALIBRATION)
     calib = amp.load_calibration(tokenizer, *calibration, 0, data_dir, holdout=8)
-    with torch.no_grad():
-        dense_logp = [log_probs(model, w) for w in calib.held_out]
+    dense_logp = [log_probs(model, w) for w in calib.held_out]  # log_probs runs without gradients
     out = {"model": job["model"], "ratio": job["ratio"], "recipe": job["recipe"]}
     if calibration != CALIBRATION:
         out["calibration"] = list(calibration)
