@@ -98,6 +98,29 @@ def test_bf16_checkpoint_computes_as_the_cpu_allows_and_writes_bf16(tmp_path, da
     torch.testing.assert_close(logits(tmp_path / "stream", ids), logits(tmp_path / "memory", ids))
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "in_memory"])
+def test_bf16_checkpoint_computed_in_float32_prunes_as_the_float32_checkpoint_of_its_values(stream, tmp_path,
+                                                                                         data_dir):
+    """A bf16 checkpoint computed in float32 (what a CPU without bf16 arithmetic does; asked for here, so that every
+    CPU runs this path) prunes as the float32 checkpoint of the same values: the same choice and the same held-back
+    KL of both candidates. The head of the default's Fisher pass and held-back divergence computes in float32 too:
+    it stayed in bf16 and failed on the dtypes before."""
+    model = make_tiny("qwen2_gqa").to(torch.bfloat16)
+    half = save_tiny(model, tmp_path / "bf16")
+    full = save_tiny(model.float(), tmp_path / "fp32")  # bf16 values are exact in float32
+    config = dict(ratio=0.3, stream=stream, **TEXT_CALIB)
+    a = amp.prune_checkpoint(str(half), amp.PruneConfig(compute_dtype="float32", **config), tmp_path / "a",
+                             data_dir=data_dir, progress=False)
+    b = amp.prune_checkpoint(str(full), amp.PruneConfig(**config), tmp_path / "b", data_dir=data_dir,
+                             progress=False)
+    assert (a["dtype"]["stored"], a["dtype"]["computed"]) == ("bfloat16", "float32")
+    assert kept(a) == kept(b)
+    assert a["selection"]["kept"] == b["selection"]["kept"]
+    for name in ("engine", "paper"):
+        assert a["selection"]["candidates"][name]["heldout_kl"] == pytest.approx(
+            b["selection"]["candidates"][name]["heldout_kl"], rel=1e-4)
+
+
 def test_bf16_scores_agree_with_float32():
     """Scores computed by a bf16 layer against the same layer in fp32 (statistics accumulate in fp32 either
     way): every head score within 3 % relative and at least 90 % of the kept neurons shared (measured on this

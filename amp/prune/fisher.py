@@ -16,10 +16,12 @@ before. One layer is resident at a time; the cost is two more reads of every lay
 of compute over those tokens (by default 8 windows); the held-back windows ride along the forward pass, dense."""
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..io.activations import ActivationStore, choose_offload
 from ..io.calibration import make_batches
@@ -34,12 +36,30 @@ class LayerFisher:
     mlp: torch.Tensor
 
 
-def logits_of(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's own head on last hidden states: final norm, lm_head, soft-capping where the family has it."""
-    norm = getattr(model.model, "norm", None) or model.model.final_layernorm
-    logits = model.lm_head(norm(hidden)).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+class Head:
+    """The model's own head on last hidden states (final norm, lm_head, soft-capping where the family has it), in
+    the dtype the layers computed in: a bf16 checkpoint on a CPU without bf16 arithmetic computes each resident
+    layer in float32 (common/dtypes.py), and so its head, from a float32 copy of the stored weights made once."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        norm = getattr(model.model, "norm", None) or model.model.final_layernorm
+        same = all(p.dtype == dtype for p in norm.parameters())
+        self.norm = norm if same else copy.deepcopy(norm).to(dtype).requires_grad_(False)
+        head = model.lm_head
+        self.weight = head.weight.detach().to(dtype)
+        self.bias = None if head.bias is None else head.bias.detach().to(dtype)
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(self.norm(hidden), self.weight, self.bias).float()
+        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
+
+
+@contextmanager
+def head_of(run):
+    """The head on the device in the run's compute dtype, for as long as the block lasts."""
+    with run.source.embeddings(run.device, head=True):
+        yield Head(run.model, run.dtype)
 
 
 class HeldOut:
@@ -98,15 +118,15 @@ class HeldOut:
         run = self.run
         finals = [[self.store.get(b) for b in range(len(self.store))], *others]
         totals = [0.0] * len(finals)
-        with run.source.embeddings(run.device, head=True):
+        with head_of(run) as logits_of:
             for b in range(len(self.store)):
                 dense_final = self.dense_final[b].to(run.device)
                 for row in range(dense_final.shape[0]):
-                    dense = torch.log_softmax(logits_of(run.model, dense_final[row]), -1)
+                    dense = torch.log_softmax(logits_of(dense_final[row]), -1)
                     probs = dense.exp()
                     mask = self.masks[b][row] if self.masks[b] is not None else None
                     for i, final in enumerate(finals):
-                        pruned = torch.log_softmax(logits_of(run.model, final[b][row].to(run.device)), -1)
+                        pruned = torch.log_softmax(logits_of(final[b][row].to(run.device)), -1)
                         per_token = (probs * (dense - pruned)).sum(-1)
                         totals[i] += float(per_token[mask].sum() if mask is not None else per_token.sum())
         return [t / max(self.tokens, 1) for t in totals]
@@ -206,11 +226,11 @@ def _head_grads(run, held: HeldOut, seed: int) -> list[torch.Tensor]:
     time, so that the logits of one sequence are the largest tensor."""
     gen = torch.Generator(device=run.device).manual_seed(seed)
     grads = []
-    with run.source.embeddings(run.device, head=True), _no_param_grads(run.model), torch.enable_grad():
+    with head_of(run) as logits_of, _no_param_grads(run.model), torch.enable_grad():
         for b in range(len(held.batches)):
             h = held.store.get(b).detach().requires_grad_(True)
             for row in range(h.shape[0]):
-                logp = torch.log_softmax(logits_of(run.model, h[row]), -1)
+                logp = torch.log_softmax(logits_of(h[row]), -1)
                 sampled = torch.multinomial(logp.detach().exp(), 1, generator=gen)
                 picked = logp.gather(1, sampled).squeeze(1)
                 if held.masks[b] is not None:
