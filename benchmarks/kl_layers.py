@@ -2,14 +2,17 @@
 allocation predicted; and what one re-solve with the measured figures buys (a measurement of what a search that
 re-measures after its decisions would gain, not an engine mode).
 
-    python -m benchmarks.kl_layers [--model smollm2-135m | gemma3-270m] [--ratio 0.2] [--rounds 1]
+    python -m benchmarks.kl_layers [--model smollm2-135m | gemma3-270m] [--ratio 0.2] [--rounds 1] [--route default]
 
 A zoo model (benchmarks/zoo) pruned in memory with the engine's kl recipe (structured OBS, kl allocation,
-sequential statistics, refit; 64 C4 windows of 512 tokens, 8 more held back), the candidate --allocation auto
-measures against the paper's recipe. On the held-back windows, the exact KL(dense || hybrid) of hybrid
-models whose first l layers are the pruned ones and the rest dense, for l = 1..L: its increments are what each
-pruned layer adds given the pruned layers before it, compounding included, which the allocation's one solve (each
-layer's OBS error weighted by the dense model's diagonal output Fisher, errors assumed additive) cannot see.
+sequential statistics, refit; 64 C4 windows of 512 tokens, 8 more held back). `--route kl` (`--allocation kl`)
+takes its error curves on the dense model's outputs in an observing pass of its own; `--route default` (the
+default prune, `--allocation auto`) takes them on the paper-pruned layers' outputs during the paper's pass
+(prune/candidates.py) and measures the model the choice kept. On the held-back windows, the exact KL(dense ||
+hybrid) of hybrid models whose first l layers are the pruned ones and the rest dense, for l = 1..L: its increments
+are what each pruned layer adds given the pruned layers before it, compounding included, which the allocation's one
+solve (each layer's OBS error weighted by the dense model's diagonal output Fisher, errors assumed additive) cannot
+see.
 
 A round (--rounds): every layer's error curves are scaled by its measured increment over its predicted one, and the
 budget is solved and the model pruned again from the dense one. Each round costs a whole prune and L forward passes
@@ -58,6 +61,9 @@ def main():
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--ppl-windows", type=int, default=20)
     p.add_argument("--ppl-seqlen", type=int, default=2048)
+    p.add_argument("--route", choices=("kl", "default"), default="kl",
+                   help="kl: --allocation kl (curves on the dense model's outputs); default: the default prune "
+                        "(curves on the paper's pass; the kept candidate is measured)")
     p.add_argument("--name", default="kl_layers")
     args = p.parse_args()
     import amp
@@ -79,8 +85,12 @@ def main():
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         with _scaled_curves(scale):
-            report = amp.prune_(model, amp.PruneConfig(ratio=args.ratio, seed=0, allocation="kl"), calib, progress=False)
+            config = amp.PruneConfig(ratio=args.ratio, seed=0, **({"allocation": "kl"} if args.route == "kl" else {}))
+            report = amp.prune_(model, config, calib, progress=False)
         prune_s = time.perf_counter() - start
+        if "predicted_kl" not in report["allocation"]:  # the default kept the paper's recipe: nothing predicted
+            raise SystemExit(f"the default kept {report['selection']['kept']}'s recipe, which predicts no KL per "
+                             "layer: nothing to compare")
         predicted = [sum(pair) for pair in report["allocation"]["predicted_kl"]]
         hybrid, accumulated = copy.deepcopy(dense), [0.0]
         for layer in range(n_layers):
@@ -96,7 +106,7 @@ def main():
                        f"before any scaling), WikiText-2 perplexity {ppl:.2f}, prune {prune_s:.0f} s.")
         print(summary[-1], flush=True)
         for i, layer in enumerate(report["layers"]):
-            rows.append({"model": args.model, "ratio": args.ratio, "round": round_, "layer": i,
+            rows.append({"model": args.model, "ratio": args.ratio, "route": args.route, "round": round_, "layer": i,
                          "kept_heads": len(layer["kept_heads"]), "kept_neurons": len(layer["kept_neurons"]),
                          "predicted_kl": round(unscaled[i], 5), "measured_increment": round(increments[i], 5),
                          "measured_over_predicted": round(increments[i] / unscaled[i], 2) if unscaled[i] > 1e-5
@@ -109,8 +119,11 @@ def main():
             factors = [m / p if p > 1e-5 and m > 0 else typical for m, p in zip(increments, unscaled)]
             scale = factors  # the ratio at the allocation just measured, against the dense-Fisher prediction
         del model, hybrid
+    route = ("the default prune (--allocation auto: the kl candidate's curves on the paper's pass; the kept "
+             "candidate measured)" if args.route == "default" else "--allocation kl (curves on the dense model)")
     summary.append(f"{args.model} at {args.ratio:.0%} with the kl recipe (structured OBS, kl allocation, "
-                   f"sequential statistics, refit), {args.nsamples} C4 windows of 512 tokens and 8 held back; "
+                   f"sequential statistics, refit) by {route}, {args.nsamples} C4 windows of 512 tokens and 8 "
+                   "held back; "
                    "KL: mean over the held-back tokens of KL(dense || model); measured_increment: what layer i adds "
                    "when layers 0..i are the pruned ones and the rest dense (exact forward passes); predicted_kl: "
                    "the allocation's figure for the layer's attention and MLP (dense model's diagonal output Fisher "
