@@ -97,8 +97,8 @@ def _prune_parser(sub):
                         "head_dim), are multiples of this, e.g. 64 or 128, so that GEMM shapes tile well")
     p.add_argument("--mlp-multiple-of", default="auto", type=_auto_or_int,
                    help="kept MLP and expert widths are also multiples of this, so that every llama.cpp "
-                        "quantization keeps ffn_down's rows (blocks of 32; 256 for K-quants); auto: 256 where the "
-                        "dense width is 4,096 or more, 32 where it is 512 or more; 1: widths as the budget chose")
+                        "quantization keeps ffn_down's rows (blocks of 32; 256 for K-quants); auto: the coarsest of "
+                        "256, 32, 1 whose budget lands within 0.5 %% of the parameters; 1: widths as the budget chose")
     p.add_argument("--min-keep", type=float, default=0.1,
                    help="per-layer floor: every layer keeps at least this share of its heads and of its neurons")
     p.add_argument("--depth-range", default="0.5,1.5",
