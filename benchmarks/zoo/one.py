@@ -6,9 +6,9 @@ Run by benchmarks.zoo.table (one process per row, so that no run inherits anothe
     python -m benchmarks.zoo.one JOB.json   (prints `RESULT {...}`)
 
 JOB: model (a zoo name), ratio, recipe (default | paper | optipfair | dense, or a part: engine-kl, obs-uniform,
-amp-kl, paper-no-refit, dense-target; a default with one setting moved: damp-0.001, damp-0.1,
-widths-32, widths-1), tasks, limit, ppl (list of [seqlen, windows]), calibration (optional
-[corpus, windows, tokens per window]). Calibration as the engine's default run unless given: 64 C4 windows of 512
+amp-kl, paper-no-refit, dense-target, or the default with one setting moved: damp-0.001, damp-0.1, widths-32,
+widths-1), tasks, limit, ppl (list of [seqlen, windows]), calibration (optional [corpus, windows, tokens per
+window]). Calibration as the engine's default run unless given: 64 C4 windows of 512
 tokens, seed 0, 8 more held back (drawn after them, so that the 64 are the same for every recipe)."""
 from __future__ import annotations
 
