@@ -7,9 +7,10 @@ Run by benchmarks.zoo.table (one process per row, so that no run inherits anothe
 
 JOB: model (a zoo name), ratio, recipe (default | paper | optipfair | dense, or a part: engine-kl, obs-uniform,
 amp-kl, paper-no-refit, dense-target, or the default with one setting moved: damp-0.001, damp-0.1, widths-32,
-widths-1), tasks, limit, ppl (list of [seqlen, windows]), calibration (optional [corpus, windows, tokens per
-window]). Calibration as the engine's default run unless given: 64 C4 windows of 512
-tokens, seed 0, 8 more held back (drawn after them, so that the 64 are the same for every recipe)."""
+widths-1; an engine recipe followed by +lora is that prune and then a LoRA fine-tune, RECOVERY), tasks, limit, ppl
+(list of [seqlen, windows]), calibration (optional [corpus, windows, tokens per window]), recover_tokens (optional,
+the fine-tune's budget). Calibration as the engine's default run unless given: 64 C4 windows of 512 tokens, seed 0,
+8 more held back (drawn after them, so that the 64 are the same for every recipe)."""
 from __future__ import annotations
 
 import json
@@ -37,6 +38,9 @@ RECIPES = {
     "widths-32": {"mlp_multiple_of": 32},
     "widths-1": {"mlp_multiple_of": 1},
 }
+# RECIPE+lora: that recipe, then `amp recover`'s LoRA fine-tune at benchmarks.quality's settings (Alpaca records of
+# at most 256 tokens, batch 8, lr 3e-4, no teacher): what training adds beyond a one-shot prune, and its time
+RECOVERY = {"tokens": 65536, "seqlen": 256, "lr": 3e-4}
 
 
 CALIBRATION = ("c4", 64, 512)  # corpus, windows, tokens per window: every row's calibration (8 more held back)
@@ -54,6 +58,16 @@ def c4_unseen_ids(tokenizer, data_dir, seqlen: int, windows: int, calibrations=(
     return tokenize_text(tokenizer, unseen_text(*widest, data_dir)[: 8 * seqlen * windows])
 
 
+def parse_recipe(name: str) -> tuple[str, str]:
+    """'default+lora' -> ('default', 'lora'); a one-line error for a name the zoo does not run."""
+    recipe, _, then = name.partition("+")
+    known = recipe in RECIPES or (recipe in ("optipfair", "dense") and not then)
+    if not known or then not in ("", "lora"):
+        raise SystemExit(f"error: unknown recipe {name!r} (one of {', '.join([*RECIPES, 'optipfair', 'dense'])}; "
+                         "an engine recipe may be followed by +lora)")
+    return recipe, then
+
+
 def run(job: dict) -> dict:
     import amp
     from amp.io.calibration import default_data_dir
@@ -63,6 +77,7 @@ def run(job: dict) -> dict:
     from amp.quality.evaluate import evaluate_model
     from amp.quality.perplexity import corpus_text
     from benchmarks import zoo
+    recipe, then = parse_recipe(job["recipe"])
     gguf = str(zoo.path(job["model"]))
     data_dir = default_data_dir()
     model, tokenizer, folder = amp.load_model(gguf)
@@ -73,7 +88,6 @@ def run(job: dict) -> dict:
     out = {"model": job["model"], "ratio": job["ratio"], "recipe": job["recipe"]}
     if calibration != CALIBRATION:
         out["calibration"] = list(calibration)
-    recipe = job["recipe"]
     if recipe in RECIPES:
         start = time.perf_counter()
         report = amp.prune_(model, amp.PruneConfig(ratio=job["ratio"], seed=0, **RECIPES[recipe]), calib,
@@ -85,6 +99,9 @@ def run(job: dict) -> dict:
         out["kept_shapes"] = shapes
         out["phases"] = {k: v["seconds"] for k, v in report["phases"].items()}
         out["passes"] = {k: v.get("seconds") for k, v in report["memory"].get("passes", {}).items()}
+        if then:
+            model, out["recovery"] = _recover(model, tokenizer, job.get("recover_tokens", RECOVERY["tokens"]),
+                                              data_dir)
     elif recipe == "optipfair":
         from benchmarks.peers import load_peer_model, run_peer
         removed = round(job["ratio"] * total)
@@ -99,8 +116,6 @@ def run(job: dict) -> dict:
         out["prune_seconds"] = round(time.perf_counter() - start, 1)
         out["peer_seconds"] = round(ran["seconds"], 1)
         model = load_peer_model(work / "out")
-    elif recipe != "dense":
-        raise SystemExit(f"error: unknown recipe {recipe!r}")
     out["params"] = total_params(model)
     out["ratio_achieved"] = round((total - out["params"]) / total, 5)
     if recipe != "dense":
@@ -123,6 +138,17 @@ def run(job: dict) -> dict:
         out["tasks"], out["metric"] = r["tasks"], r["metric"]
         out["zero_shot_seconds"] = round(time.perf_counter() - start, 1)
     return out
+
+
+def _recover(model, tokenizer, tokens: int, data_dir):
+    """The pruned model fine-tuned with LoRA (adapters merged) on `tokens` training tokens, and the run's figures."""
+    from amp import RecoverConfig, recover_model
+    config = RecoverConfig(tokens=tokens, seqlen=RECOVERY["seqlen"], lr=RECOVERY["lr"], checkpoint_every=0)
+    start = time.perf_counter()
+    result = recover_model(model, tokenizer, config, data_dir=data_dir, progress=False)
+    figures = {"seconds": round(time.perf_counter() - start, 1), "tokens": result["tokens"], "steps": result["steps"],
+               "loss_first": round(result["loss_first"], 4), "loss_last": round(result["loss_last"], 4)}
+    return result["model"], figures
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ zero-shot rows.
 
     python -m benchmarks.zoo.table [--runs smollm2-135m@0.1,0.2,0.3+gemma3-270m@0.1,0.2]
         [--recipes dense,default,paper,optipfair] [--tasks piqa,winogrande,arc_easy,arc_challenge | none]
-        [--limit 500] [--name zoo] [--calibration c4:64x512]
+        [--limit 500] [--name zoo] [--calibration c4:64x512] [--recover-tokens 65536]
+
+A recipe may be followed by +lora (default+lora): that prune, then `amp recover`'s LoRA fine-tune (one.RECOVERY).
 
 Every finished row is kept in benchmarks/results/<name>.json as it lands (a run resumes where it stopped; --again
 runs rows already there); the table (<name>.md / .csv) is written at the end, with the ratios to the best peer and
@@ -71,6 +73,8 @@ def table_rows(results: dict) -> tuple[list[dict], list[str]]:
                "ppl_20x2048": r["perplexity"].get("20x2048"),
                "ppl_c4_unseen": r["perplexity"].get("c4_unseen_16x1024", ""), "heldout_kl": r.get("heldout_kl", ""),
                "prune_seconds": r.get("prune_seconds", "")}
+        if "recovery" in r:  # a RECIPE+lora row: the fine-tune's token budget and time (beside the prune's)
+            row["fine_tune_tokens"], row["fine_tune_seconds"] = r["recovery"]["tokens"], r["recovery"]["seconds"]
         same = {k.split("/")[1]: v for k, v in results.items()
                 if k.startswith(f"{r['model']}@{r['ratio']}/") and v.get("status") != "failed"}
         peers = [same[p]["perplexity"]["8x1024"] for p in PEERS if p in same]
@@ -95,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=",".join(FOUR))
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--name", default="zoo")
+    p.add_argument("--recover-tokens", type=int, default=None, help="the fine-tune's budget of RECIPE+lora rows "
+                   "(default: benchmarks.zoo.one.RECOVERY, 65,536); another belongs in its own --name")
     p.add_argument("--again", action="store_true", help="run rows already in the results file again")
     p.add_argument("--calibration", default="c4:64x512", help="CORPUS:WINDOWSxTOKENS, the prune's calibration "
                    "(and its 8 held-back windows); another than the default belongs in its own --name")
@@ -111,6 +117,8 @@ def main(argv=None) -> int:
                 continue
             job = {"model": model, "ratio": ratio, "recipe": recipe, "tasks": tasks, "limit": args.limit, "ppl": PPL,
                    "calibration": [corpus, windows, seqlen]}
+            if args.recover_tokens:
+                job["recover_tokens"] = args.recover_tokens
             print(f"{key} ...", flush=True)
             results[key] = run_one(job)
             r = results[key]
@@ -123,7 +131,9 @@ def main(argv=None) -> int:
         f"The quality zoo (benchmarks/zoo/table.py): each row a fresh process; calibration {windows} {corpus} windows "
         f"of {seqlen} tokens (seed 0) and 8 held back; default = --allocation auto (the measured choice between the "
         "engine's kl candidate and the paper's recipe, `kept`); paper = --criterion amp --allocation uniform; "
-        "optipfair = OptiPFair 0.4.2 MLP-GLU (MAW) cut to the same parameter count. Perplexity: WikiText-2 test, 8 "
+        "optipfair = OptiPFair 0.4.2 MLP-GLU (MAW) cut to the same parameter count; RECIPE+lora = that prune, then "
+        "`amp recover`'s LoRA fine-tune (Alpaca records of at most 256 tokens, batch 8, lr 3e-4, no teacher; "
+        "fine_tune_tokens its budget). Perplexity: WikiText-2 test, 8 "
         "windows of 1,024 and 20 of 2,048 tokens; ppl_c4_unseen: C4 validation documents past the span the calibration "
         "reads, 16 windows of 1,024 (blank: a row run before it was measured). " +
         (f"Zero-shot: the first {args.limit} rows of {', '.join(tasks)}; avg4 their mean (acc_norm where defined), "
