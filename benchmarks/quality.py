@@ -24,6 +24,9 @@ import time
 from benchmarks.harness import RESULTS, machine, record
 
 TASKS = ["boolq", "piqa", "winogrande", "arc_easy", "arc_challenge"]
+# the recovery benchmarks' fine-tune: training tokens, records truncated to seqlen, learning rate (batch 8, LoRA r 8:
+# RecoverConfig's defaults); benchmarks.zoo's RECIPE+lora rows run the same
+RECOVERY = {"tokens": 65536, "seqlen": 256, "lr": 3e-4}
 
 
 def main():
@@ -32,9 +35,11 @@ def main():
     p.add_argument("--criteria", default="amp,wanda-sp,flap,magnitude,random,reversed")
     p.add_argument("--modes", default=None, help="allocation/heads pairs, e.g. uniform/group,depth/query")
     p.add_argument("--recipes", default=None, help="STEPS@CALIB:N recipes, e.g. none@alpaca:128,refit@c4:64")
-    p.add_argument("--recover-tokens", type=int, default=65536, help="fine-tuning budget of lora / kd, in tokens")
-    p.add_argument("--recover-seqlen", type=int, default=256)
-    p.add_argument("--recover-lr", type=float, default=3e-4, help="a short budget moves LoRA little at 1e-4")
+    p.add_argument("--recover-tokens", type=int, default=RECOVERY["tokens"],
+                   help="fine-tuning budget of lora / kd, in tokens")
+    p.add_argument("--recover-seqlen", type=int, default=RECOVERY["seqlen"])
+    p.add_argument("--recover-lr", type=float, default=RECOVERY["lr"],
+                   help="a short budget moves LoRA little at 1e-4")
     p.add_argument("--tasks", default=",".join(TASKS), help="zero-shot tasks, or 'none' for perplexity only")
     p.add_argument("--name", default=None, help="results file name (default: quality or quality_allocation)")
     p.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model (known from a run)")
@@ -169,15 +174,22 @@ def _recipe(text: str, tokenizer, data_dir, seed: int):
 _CALIBRATIONS: dict = {}
 
 
-def _recover(model, dense, tokenizer, kind: str, args, data_dir) -> dict:
+def fine_tune(model, tokenizer, data_dir, tokens: int = RECOVERY["tokens"], seqlen: int = RECOVERY["seqlen"],
+              lr: float = RECOVERY["lr"], teacher=None):
+    """`amp recover`'s LoRA fine-tune on Alpaca (distilled from `teacher` when given, weight 0.5), no checkpoints:
+    the merged model and the run's figures, with the loss curve in place of the history."""
     from amp import RecoverConfig, recover_model
-    config = RecoverConfig(tokens=args.recover_tokens, seqlen=args.recover_seqlen, lr=args.recover_lr,
-                           kd_weight=0.5 if kind == "kd" else 0.0, checkpoint_every=0)
-    result = recover_model(model, tokenizer, config, teacher=dense if kind == "kd" else None, data_dir=data_dir,
-                           progress=False)
+    config = RecoverConfig(tokens=tokens, seqlen=seqlen, lr=lr, kd_weight=0.5 if teacher is not None else 0.0,
+                           checkpoint_every=0)
+    result = recover_model(model, tokenizer, config, teacher=teacher, data_dir=data_dir, progress=False)
     merged = result.pop("model")
-    history = result.pop("history")
-    result["loss_curve"] = [round(h["loss"], 4) for h in history]
+    result["loss_curve"] = [round(h["loss"], 4) for h in result.pop("history")]
+    return merged, result
+
+
+def _recover(model, dense, tokenizer, kind: str, args, data_dir) -> dict:
+    merged, result = fine_tune(model, tokenizer, data_dir, args.recover_tokens, args.recover_seqlen, args.recover_lr,
+                               teacher=dense if kind == "kd" else None)
     print(f"  recovery: {result['steps']} steps, {result['tokens']:,} tokens, loss {result['loss_first']:.3f} -> "
           f"{result['loss_last']:.3f}, {result['seconds']:.0f} s", flush=True)
     return result, merged

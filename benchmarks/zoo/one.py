@@ -7,10 +7,10 @@ Run by benchmarks.zoo.table (one process per row, so that no run inherits anothe
 
 JOB: model (a zoo name), ratio, recipe (default | paper | optipfair | dense, or a part: engine-kl, obs-uniform,
 amp-kl, paper-no-refit, dense-target, or the default with one setting moved: damp-0.001, damp-0.1, widths-32,
-widths-1; an engine recipe followed by +lora is that prune and then a LoRA fine-tune, RECOVERY), tasks, limit, ppl
-(list of [seqlen, windows]), calibration (optional [corpus, windows, tokens per window]), recover_tokens (optional,
-the fine-tune's budget). Calibration as the engine's default run unless given: 64 C4 windows of 512 tokens, seed 0,
-8 more held back (drawn after them, so that the 64 are the same for every recipe)."""
+widths-1; an engine recipe followed by +lora is that prune and then a LoRA fine-tune, quality.RECOVERY), tasks,
+limit, ppl (list of [seqlen, windows]), calibration (optional [corpus, windows, tokens per window]), recover_tokens
+(optional, the fine-tune's budget). Calibration as the engine's default run unless given: 64 C4 windows of 512
+tokens, seed 0, 8 more held back (drawn after them, so that the 64 are the same for every recipe)."""
 from __future__ import annotations
 
 import json
@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.quality import RECOVERY, fine_tune
 
 RECIPES = {
     "default": {},                                              # --allocation auto: measured choice
@@ -38,9 +40,8 @@ RECIPES = {
     "widths-32": {"mlp_multiple_of": 32},
     "widths-1": {"mlp_multiple_of": 1},
 }
-# RECIPE+lora: that recipe, then `amp recover`'s LoRA fine-tune at benchmarks.quality's settings (Alpaca records of
-# at most 256 tokens, batch 8, lr 3e-4, no teacher): what training adds beyond a one-shot prune, and its time
-RECOVERY = {"tokens": 65536, "seqlen": 256, "lr": 3e-4}
+# RECIPE+lora: that recipe, then `amp recover`'s LoRA fine-tune at benchmarks.quality's settings (RECOVERY, no
+# teacher): what training adds beyond a one-shot prune, and its time
 
 
 CALIBRATION = ("c4", 64, 512)  # corpus, windows, tokens per window: every row's calibration (8 more held back)
@@ -141,14 +142,13 @@ def run(job: dict) -> dict:
 
 
 def _recover(model, tokenizer, tokens: int, data_dir):
-    """The pruned model fine-tuned with LoRA (adapters merged) on `tokens` training tokens, and the run's figures."""
-    from amp import RecoverConfig, recover_model
-    config = RecoverConfig(tokens=tokens, seqlen=RECOVERY["seqlen"], lr=RECOVERY["lr"], checkpoint_every=0)
+    """The pruned model fine-tuned with LoRA (adapters merged) on `tokens` training tokens, and the run's figures
+    (its seconds from here: tokenizing the records and merging the adapters included)."""
     start = time.perf_counter()
-    result = recover_model(model, tokenizer, config, data_dir=data_dir, progress=False)
+    model, result = fine_tune(model, tokenizer, data_dir, tokens)
     figures = {"seconds": round(time.perf_counter() - start, 1), "tokens": result["tokens"], "steps": result["steps"],
                "loss_first": round(result["loss_first"], 4), "loss_last": round(result["loss_last"], 4)}
-    return result["model"], figures
+    return model, figures
 
 
 if __name__ == "__main__":

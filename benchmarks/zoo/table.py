@@ -7,7 +7,8 @@ zero-shot rows.
         [--recipes dense,default,paper,optipfair] [--tasks piqa,winogrande,arc_easy,arc_challenge | none]
         [--limit 500] [--name zoo] [--calibration c4:64x512] [--recover-tokens 65536]
 
-A recipe may be followed by +lora (default+lora): that prune, then `amp recover`'s LoRA fine-tune (one.RECOVERY).
+A recipe may be followed by +lora (default+lora): that prune, then `amp recover`'s LoRA fine-tune
+(benchmarks.quality.RECOVERY).
 
 Every finished row is kept in benchmarks/results/<name>.json as it lands (a run resumes where it stopped; --again
 runs rows already there); the table (<name>.md / .csv) is written at the end, with the ratios to the best peer and
@@ -27,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.harness import RESULTS, record
+from benchmarks.quality import RECOVERY
 
 PPL = [[1024, 8], [2048, 20]]
 FOUR = ["piqa", "winogrande", "arc_easy", "arc_challenge"]
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--name", default="zoo")
     p.add_argument("--recover-tokens", type=int, default=None, help="the fine-tune's budget of RECIPE+lora rows "
-                   "(default: benchmarks.zoo.one.RECOVERY, 65,536); another belongs in its own --name")
+                   "(default: benchmarks.quality.RECOVERY's, 65,536); another belongs in its own --name")
     p.add_argument("--again", action="store_true", help="run rows already in the results file again")
     p.add_argument("--calibration", default="c4:64x512", help="CORPUS:WINDOWSxTOKENS, the prune's calibration "
                    "(and its 8 held-back windows); another than the default belongs in its own --name")
@@ -132,8 +134,8 @@ def main(argv=None) -> int:
         f"of {seqlen} tokens (seed 0) and 8 held back; default = --allocation auto (the measured choice between the "
         "engine's kl candidate and the paper's recipe, `kept`); paper = --criterion amp --allocation uniform; "
         "optipfair = OptiPFair 0.4.2 MLP-GLU (MAW) cut to the same parameter count; RECIPE+lora = that prune, then "
-        "`amp recover`'s LoRA fine-tune (Alpaca records of at most 256 tokens, batch 8, lr 3e-4, no teacher; "
-        "fine_tune_tokens its budget). Perplexity: WikiText-2 test, 8 "
+        f"`amp recover`'s LoRA fine-tune (Alpaca records of at most {RECOVERY['seqlen']} tokens, batch 8, lr "
+        f"{RECOVERY['lr']:g}, no teacher; fine_tune_tokens its budget). Perplexity: WikiText-2 test, 8 "
         "windows of 1,024 and 20 of 2,048 tokens; ppl_c4_unseen: C4 validation documents past the span the calibration "
         "reads, 16 windows of 1,024 (blank: a row run before it was measured). " +
         (f"Zero-shot: the first {args.limit} rows of {', '.join(tasks)}; avg4 their mean (acc_norm where defined), "
